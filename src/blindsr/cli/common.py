@@ -1,0 +1,46 @@
+"""Helpers shared by CLI commands: common options and the keep-going batch loop."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+
+def add_common(parser: argparse.ArgumentParser, device: bool = True, seed: bool = True) -> None:
+    """Options every command takes: --device, --seed, --debug."""
+    if device:
+        parser.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default: auto)")
+    if seed:
+        parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same output (default: 0)")
+    # SUPPRESS: an absent flag must not override `blindsr --debug COMMAND`.
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show full tracebacks on errors")
+
+
+def run_batch(items: Iterable[Any], fn: Callable[[Any], str | None], name: Callable[[Any], str] = str,
+              quiet: bool = False) -> int:
+    """Apply ``fn`` to each item, keep going past user errors, report failures at the end.
+
+    ``fn`` returns an optional one-line message that is printed per item. Returns the exit code:
+    0 when all succeeded, 3 when some failed (the failures are listed on stderr), 2 when all failed.
+    """
+    from blindsr.errors import BlindSRError
+
+    items = list(items)
+    failed: list[tuple[str, str]] = []
+    for item in items:
+        try:
+            msg = fn(item)
+            if msg and not quiet:
+                print(msg, flush=True)
+        except BlindSRError as e:
+            failed.append((name(item), str(e)))
+            print(f"blindsr: error: {e}", file=sys.stderr, flush=True)
+    if failed:
+        print(f"blindsr: {len(failed)} of {len(items)} input(s) failed:", file=sys.stderr)
+        for n, msg in failed:
+            print(f"  {n}: {msg}", file=sys.stderr)
+        return 2 if len(failed) == len(items) else 3
+    return 0
