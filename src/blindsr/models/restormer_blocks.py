@@ -1,0 +1,203 @@
+"""Restormer building blocks with BlindDiff's time+kernel modulation (MCFormer).
+
+Restormer (Zamir et al., CVPR 2022): channel LayerNorm, MDTA (multi-Dconv head transposed attention, Sec. 3.1),
+GDFN (gated-Dconv feed-forward network, Sec. 3.2). BlindDiff (Li et al., 2024, Sec. 3.3 / Fig. 3) adds a DiT-style
+shift/scale of each sub-layer's LayerNorm'd input, driven by ``Mish(t_emb + k_emb)`` (no gate).
+
+Module and attribute names follow the official code so that official state dicts load with no renaming.
+Precision: LayerNorm, the L2-normalisation of q/k, q·kᵀ and the attention softmax run in (at least) fp32,
+also under bf16 autocast or with bf16 weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+def _fp32_or_wider(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types, the dtype itself for float32/float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def sinusoidal_embedding(t: Tensor, dim: int) -> Tensor:
+    """BlindDiff's timestep encoding: ``[sin(t f), cos(t f)]`` (sin FIRST), ``f_j = exp(-ln(1e4) j / (dim/2))``.
+
+    ``t`` holds the original 0..999 indices, shape (B,). Computed in fp32 (fp64 when ``t`` is fp64).
+    Note the order is the reverse of guided-diffusion / Stable Diffusion (cos first).
+    """
+    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    half = dim // 2
+    freqs = torch.exp(-math.log(1e4) * (torch.arange(half, device=t.device, dtype=dtype) / half))
+    args = t.to(dtype)[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+
+
+class SinusoidalEncoding(nn.Module):
+    """Parameter-free module wrapper of :func:`sinusoidal_embedding` (index 0 of ``t_embedder``)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t: Tensor) -> Tensor:
+        return sinusoidal_embedding(t, self.dim)
+
+
+class TimestepEmbedder(nn.Sequential):
+    """``t_embedder``: encoding -> Linear(dim, 4dim) -> Mish -> Linear(4dim, dim) (keys t_embedder.1 / .3)."""
+
+    def __init__(self, dim: int):
+        super().__init__(SinusoidalEncoding(dim), nn.Linear(dim, 4 * dim), nn.Mish(), nn.Linear(4 * dim, dim))
+
+    def forward(self, t: Tensor) -> Tensor:
+        emb = self[0](t).to(self[1].weight.dtype)
+        return self[3](self[2](self[1](emb)))
+
+
+class _LayerNormBody(nn.Module):
+    """Per-pixel LayerNorm over channels of a (B, C, H, W) tensor, in fp32 (eps 1e-5, biased variance).
+
+    ``WithBias``: (x - mu) / sqrt(var + eps) * w + b.  ``BiasFree``: x / sqrt(var + eps) * w (no centring,
+    as in Restormer).
+    """
+
+    def __init__(self, channels: int, with_bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels)) if with_bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.to(_fp32_or_wider(x.dtype))
+        var, mu = torch.var_mean(x32, dim=1, keepdim=True, correction=0)
+        w = self.weight.to(x32.dtype)[:, None, None]
+        if self.bias is None:
+            y = x32 / torch.sqrt(var + 1e-5) * w
+        else:
+            y = (x32 - mu) / torch.sqrt(var + 1e-5) * w + self.bias.to(x32.dtype)[:, None, None]
+        return y.to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """Channel LayerNorm; holds its parameters in ``body`` (keys ``normN.body.weight/bias``)."""
+
+    def __init__(self, channels: int, layernorm_type: str = "WithBias"):
+        super().__init__()
+        self.body = _LayerNormBody(channels, with_bias=layernorm_type != "BiasFree")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+class MDTA(nn.Module):
+    """Multi-Dconv head transposed attention (Restormer Eq. 2): attention over channels, linear in H*W.
+
+    q, k, v = split(DWConv3x3(Conv1x1(x))); per head (contiguous channel groups) q and k are L2-normalised
+    along the spatial axis; A = softmax(q kᵀ * temperature) is (C/heads x C/heads); out = Conv1x1(A v).
+    """
+
+    def __init__(self, channels: int, num_heads: int, bias: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1, bias=bias)
+        self.qkv_dwconv = nn.Conv2d(3 * channels, 3 * channels, 3, padding=1, groups=3 * channels, bias=bias)
+        self.project_out = nn.Conv2d(channels, channels, 1, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv_dwconv(self.qkv(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w).unbind(1)
+        with torch.autocast(x.device.type, enabled=False):  # normalise, q kᵀ and softmax in fp32
+            dt = _fp32_or_wider(q.dtype)
+            q = F.normalize(q.to(dt), dim=-1)
+            k = F.normalize(k.to(dt), dim=-1)
+            attn = (q @ k.transpose(-2, -1) * self.temperature.to(dt)).softmax(dim=-1)
+        out = attn.to(v.dtype) @ v
+        return self.project_out(out.reshape(b, c, h, w))
+
+
+class GDFN(nn.Module):
+    """Gated-Dconv feed-forward network (Restormer Eq. 3): Conv1x1(GELU(x1) * x2), [x1, x2] = DWConv(Conv1x1(x))."""
+
+    def __init__(self, channels: int, expansion: float, bias: bool):
+        super().__init__()
+        hidden = int(channels * expansion)
+        self.project_in = nn.Conv2d(channels, 2 * hidden, 1, bias=bias)
+        self.dwconv = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden, bias=bias)
+        self.project_out = nn.Conv2d(hidden, channels, 1, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1, x2 = self.dwconv(self.project_in(x)).chunk(2, dim=1)
+        return self.project_out(F.gelu(x1) * x2)  # exact (erf) GELU
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """DiT adaLN modulation, per channel, broadcast over H and W: x * (1 + scale) + shift."""
+    return x * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+
+
+class ModulatedBlock(nn.Module):
+    """MCFormer transformer block (BlindDiff Fig. 3): MDTA and GDFN, each on a modulated LayerNorm'd input.
+
+    ``emb`` = t_emb + k_emb, width ``emb_dim`` (the model's ``dim``) whatever the block width C.
+    m = Linear(Mish(emb)) is split into shift_attn, scale_attn, shift_ffn, scale_ffn (in that order), then
+    x = x + MDTA(LN1(x) (1 + scale_attn) + shift_attn);  x = x + GDFN(LN2(x) (1 + scale_ffn) + shift_ffn).
+    """
+
+    def __init__(self, channels: int, num_heads: int, expansion: float, bias: bool, layernorm_type: str,
+                 emb_dim: int):
+        super().__init__()
+        self.norm1 = LayerNorm(channels, layernorm_type)
+        self.attn = MDTA(channels, num_heads, bias)
+        self.norm2 = LayerNorm(channels, layernorm_type)
+        self.ffn = GDFN(channels, expansion, bias)
+        self.modulation = nn.Sequential(nn.Mish(), nn.Linear(emb_dim, 4 * channels))
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        shift_attn, scale_attn, shift_ffn, scale_ffn = self.modulation(emb).chunk(4, dim=1)
+        x = x + self.attn(modulate(self.norm1(x), shift_attn, scale_attn))
+        return x + self.ffn(modulate(self.norm2(x), shift_ffn, scale_ffn))
+
+
+def run_blocks(blocks: nn.ModuleList, x: Tensor, emb: Tensor, use_checkpoint: bool = False) -> Tensor:
+    """Apply a stage of :class:`ModulatedBlock` in order (optionally with activation checkpointing)."""
+    for block in blocks:
+        x = checkpoint(block, x, emb, use_reentrant=False) if use_checkpoint else block(x, emb)
+    return x
+
+
+class PatchEmbed(nn.Module):
+    """Overlapped patch embedding: 3x3 conv, no bias (key ``patch_embed.proj``)."""
+
+    def __init__(self, in_channels: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, 3, padding=1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+class Downsample(nn.Module):
+    """3x3 conv n -> n/2 (no bias) + PixelUnshuffle(2): (n, H, W) -> (2n, H/2, W/2)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(channels, channels // 2, 3, padding=1, bias=False), nn.PixelUnshuffle(2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+class Upsample(nn.Module):
+    """3x3 conv n -> 2n (no bias) + PixelShuffle(2): (n, H, W) -> (n/2, 2H, 2W)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(channels, channels * 2, 3, padding=1, bias=False), nn.PixelShuffle(2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
