@@ -1,0 +1,200 @@
+"""Training run configuration: YAML -> dataclasses, ``--set`` overrides, one-line errors.
+
+A run config has the sections ``model``, ``diffusion``, ``loss`` (free dicts, checked against the method's own
+dataclasses by the recipe), and ``data``, ``optim``, ``train`` (the dataclasses below). Any unknown key, in any
+section, is a :class:`BlindSRError` naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from blindsr.errors import BlindSRError
+
+
+@dataclass
+class DataConfig:
+    root: str = "../shared/data/train-hr"  # folder of HR images (recursive); LR is synthesised on the fly
+    crop: int = 128                  # HR crop size (official gt_size 128); a multiple of `scale`
+    scale: int = 4
+    flip: bool = True                # random horizontal flip
+    rot: bool = True                 # random vertical flip + transpose (with flip: all 8 dihedral transforms)
+    cache: bool = True               # keep the decoded images in memory as uint8
+    degradation: str = "blinddiff-setting1"  # a `blindsr.degradations.pipelines` preset
+    degradation_overrides: dict[str, Any] = field(default_factory=dict)  # passed to get_preset(name, **overrides)
+    batch_size: int = 10             # per process (official: 10 per GPU x 4 GPUs)
+    workers: int = 2                 # DataLoader worker processes (0 = load in the main process)
+    val_root: str | None = None      # a separate validation folder; None = hold out from `root`
+    val_fraction: float = 0.0        # fraction of `root` held out for validation (never trained on)
+    val_names: list[str] = field(default_factory=list)  # explicit held-out file names (stems or names)
+    val_max_images: int = 4          # validation images used (sampling is slow)
+    val_crop: int | None = 128       # centre-crop validation HR images (None = full image)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5                           # Adam, official default (FFHQ and the March yml: 2e-4)
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    milestones: list[int] = field(default_factory=lambda: [100_000, 200_000, 300_000, 400_000, 500_000])
+    gamma: float = 0.5                         # MultiStepLR factor at each milestone
+    warmup_steps: int = 0                      # linear warm-up (0 = none, as in the official code)
+    grad_clip: float | None = None             # max gradient norm (None = no clipping, as in the official code)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1_000_000       # optimiser steps (official total_iter)
+    grad_accum: int = 1              # micro-batches per optimiser step
+    mixed_precision: str = "no"      # no | fp16 | bf16
+    seed: int = 0
+    ema_decay: float = 0.999         # applied every step (0 disables EMA: the EMA model is the model)
+    skip_loss_factor: float | None = 100.0  # skip a step whose loss > factor x the previous loss (official guard)
+    log_every: int = 100
+    ckpt_every: int = 5000
+    keep_checkpoints: int | None = 3 # keep the newest N step checkpoints (None = all)
+    val_every: int = 5000            # 0 disables validation
+    val_steps: int = 50              # sampler steps used for validation
+    deterministic: bool = False      # deterministic CUDA kernels: bitwise-exact resume on GPUs too (slower)
+    time_limit_min: float | None = None  # also stop (and export) once this many minutes of training have passed
+
+
+@dataclass
+class RunConfig:
+    method: str = "blinddiff"
+    output: str = "runs/blinddiff"   # run directory: checkpoints, logs, final.safetensors
+    model: dict[str, Any] = field(default_factory=dict)      # model config fields (plus optional `preset`)
+    diffusion: dict[str, Any] = field(default_factory=dict)  # diffusion config fields
+    loss: dict[str, Any] = field(default_factory=dict)       # loss config fields and weights
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert a YAML value to the annotated type (int->float, list->tuple, nested dataclasses)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, a, where)
+            except BlindSRError:
+                pass
+        raise BlindSRError(f"config: {where} = {value!r} has the wrong type (expected {tp})")
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise BlindSRError(f"config: {where} must be a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise BlindSRError(f"config: {where} must be a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise BlindSRError(f"config: {where} must have {len(args)} items, got {value!r}")
+            return tuple(_coerce(v, a, where) for v, a in zip(value, args, strict=True))
+        return origin(_coerce(v, args[0], where) for v in value) if args else origin(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise BlindSRError(f"config: {where} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is str and isinstance(value, bool):
+        return "yes" if value else "no"  # YAML 1.1 reads no/off as False (mixed_precision: no)
+    if tp is str and isinstance(value, int | float):
+        return str(value)  # e.g. diffusion.train_respacing: 500
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)  # 1e6 in YAML
+    if isinstance(tp, type) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise BlindSRError(f"config: {where} = {value!r} has the wrong type (expected {tp.__name__})")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys raise a one-line error naming the key."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in (data or {}).items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise BlindSRError(f"config: unknown key '{path}' (known: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A plain (YAML/JSON-serialisable) dict of a dataclass config."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple | list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(obj))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set a.b=value`` items (value parsed as YAML) to a nested dict, in place."""
+    import yaml
+
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise BlindSRError(f"--set {item!r}: expected KEY.SUB=VALUE")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise BlindSRError(f"--set {item!r}: '{p}' is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config (or defaults when ``path`` is None), apply ``--set`` overrides, validate."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise BlindSRError(f"--config {path}: no such file")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise BlindSRError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise BlindSRError(f"--config {path}: the top level must be a mapping of sections")
+    apply_overrides(data, list(overrides))
+    return from_dict(RunConfig, data)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (readable back with :func:`load_config`)."""
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,204 @@
+"""Method recipes: a :class:`RunConfig` -> model, loss, data and validation for the generic :class:`Trainer`.
+
+``RECIPES[method](cfg)`` returns a :class:`Recipe`; :func:`run_training` wires it to the trainer and writes the
+resolved config and run metadata. BlindDiff is here; DiffBIR / UDDM add one function each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from blindsr.data.datasets import FixedLRSet, HRFolderDataset, list_hr_files, mix_seed, split_holdout
+from blindsr.errors import BlindSRError
+from blindsr.train.config import RunConfig, from_dict, save_config, to_dict
+from blindsr.train.trainer import LossFn, Trainer, TrainResult, ValidateFn
+
+
+@dataclass
+class Recipe:
+    model: torch.nn.Module
+    loss_fn: LossFn
+    dataset: torch.utils.data.Dataset
+    validate_fn: ValidateFn | None = None
+    export_metadata: dict[str, str] = field(default_factory=dict)  # metadata of final.safetensors
+    config: RunConfig | None = None  # the run config with its model/diffusion/loss sections fully resolved
+
+
+def degrade_fn(cfg: RunConfig):
+    """The degradation preset of ``cfg.data`` (its scale must match ``data.scale``)."""
+    from blindsr.degradations.pipelines import get_preset
+
+    degrade = get_preset(cfg.data.degradation, **cfg.data.degradation_overrides)
+    if degrade.scale != cfg.data.scale:
+        raise BlindSRError(f"config: data.degradation {cfg.data.degradation} has scale {degrade.scale}, "
+                           f"but data.scale is {cfg.data.scale}")
+    return degrade
+
+
+def split_data(cfg: RunConfig) -> tuple[list[Path], list[Path]]:
+    """(training files, validation files): ``data.val_root`` if given, else the hold-out part of ``data.root``."""
+    d = cfg.data
+    train, held = split_holdout(list_hr_files(d.root), d.val_fraction, d.val_names, seed=cfg.train.seed)
+    return train, (list_hr_files(d.val_root) if d.val_root else held)
+
+
+def sr_validation(sample: Callable[[torch.Tensor, torch.Generator], torch.Tensor], files: list[Path], degrade,
+                  cfg: RunConfig) -> ValidateFn:
+    """PSNR/SSIM (Y channel, border = scale: the BasicSR/BlindDiff convention) of ``sample(lr, generator)``
+    on fixed LR images; the pairs are synthesised on the first call (main process only)."""
+    from blindsr.metrics import psnr, ssim
+
+    d, state = cfg.data, {}
+
+    def validate(model: torch.nn.Module) -> dict[str, float]:
+        if "set" not in state:
+            state["set"] = FixedLRSet(files, degrade, d.scale, d.val_crop, cfg.train.seed, d.val_max_images)
+        device = next(model.parameters()).device
+        ps, ss = [], []
+        for i, (_, lr, hr) in enumerate(state["set"]):
+            g = torch.Generator(device=device).manual_seed(mix_seed(cfg.train.seed, "val-sample", i))
+            sr = sample(model, lr[None].to(device), g)[0].detach().float().cpu()
+            ps.append(psnr(sr, hr, crop_border=d.scale, y_channel=True))
+            ss.append(ssim(sr, hr, crop_border=d.scale, y_channel=True))
+        return {"psnr": sum(ps) / len(ps), "ssim": sum(ss) / len(ss)}
+
+    return validate
+
+
+def mcformer_config(cfg: RunConfig):
+    """``cfg.model``: a preset (full | small | tiny) plus field overrides, checked against ``data.scale``."""
+    from blindsr.models.mcformer import MCFormerConfig
+
+    model_d = dict(cfg.model)
+    preset = model_d.pop("preset", "full")
+    if preset not in ("full", "small", "tiny"):
+        raise BlindSRError(f"config: model.preset {preset!r}: choose full, small or tiny")
+    model_cfg = MCFormerConfig.from_dict({**getattr(MCFormerConfig, preset)().to_dict(), **model_d})
+    if model_cfg.scale != cfg.data.scale:
+        raise BlindSRError(f"config: model.scale {model_cfg.scale} differs from data.scale {cfg.data.scale}")
+    return model_cfg
+
+
+def blinddiff_recipe(cfg: RunConfig) -> Recipe:
+    """BlindDiff (Algorithm 1): MCFormer, LR + kernel synthesised on the device each step, kernel-aware
+    sampling (Algorithm 2) with ``train.val_steps`` steps for validation."""
+    from blindsr.methods.blinddiff import (
+        BlindDiffConfig,
+        BlindDiffLossConfig,
+        BlindDiffPipeline,
+        training_losses,
+    )
+    from blindsr.models.mcformer import MCFormer
+
+    model_cfg = mcformer_config(cfg)
+    bd_cfg = from_dict(BlindDiffConfig, cfg.diffusion, "diffusion")
+    loss_cfg = from_dict(BlindDiffLossConfig, cfg.loss, "loss")
+    degrade = degrade_fn(cfg)
+    train_files, val_files = split_data(cfg)
+    d = cfg.data
+    dataset = HRFolderDataset(train_files, d.crop, d.flip, d.rot, d.scale, d.cache, seed=cfg.train.seed)
+    diffusion = bd_cfg.train_diffusion()
+
+    def loss_fn(model: torch.nn.Module, hr: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        with torch.no_grad(), torch.autocast(hr.device.type, enabled=False):  # degrade in fp32 (feed_data)
+            deg = degrade(hr.float(), generator)
+        kernel = deg.kernel if loss_cfg.kernel_weight > 0 else None
+        return training_losses(model, diffusion, deg.hr, deg.lr, kernel, generator=generator, cfg=loss_cfg)
+
+    def sample(model, lr, generator):
+        return BlindDiffPipeline(model, bd_cfg)(lr, steps=cfg.train.val_steps, generator=generator).sr
+
+    validate = sr_validation(sample, val_files, degrade, cfg) if val_files and cfg.train.val_every else None
+    cfg = dataclasses.replace(cfg, model=model_cfg.to_dict(), diffusion=bd_cfg.to_dict(),
+                              loss=dataclasses.asdict(loss_cfg))
+    meta = {"config": json.dumps({"model": model_cfg.to_dict(), "blinddiff": bd_cfg.to_dict()}),
+            "method": "blinddiff", "degradation": d.degradation, "train_config": json.dumps(to_dict(cfg))}
+    return Recipe(MCFormer(model_cfg), loss_fn, dataset, validate, meta, cfg)
+
+
+def regression_recipe(cfg: RunConfig) -> Recipe:
+    """The regression baseline: the same MCFormer run once on bicubic↑y, L1 to the HR crop, same data and
+    degradation as BlindDiff (``blindsr.methods.regression``)."""
+    from blindsr.methods.regression import RegressionPipeline, regression_losses
+    from blindsr.models.mcformer import MCFormer
+
+    if cfg.diffusion or cfg.loss:
+        raise BlindSRError("config: method regression takes no diffusion/loss sections (its loss is plain L1)")
+    model_cfg = mcformer_config(cfg)
+    degrade = degrade_fn(cfg)
+    train_files, val_files = split_data(cfg)
+    d = cfg.data
+    dataset = HRFolderDataset(train_files, d.crop, d.flip, d.rot, d.scale, d.cache, seed=cfg.train.seed)
+
+    def loss_fn(model: torch.nn.Module, hr: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        with torch.no_grad(), torch.autocast(hr.device.type, enabled=False):
+            deg = degrade(hr.float(), generator)
+        return regression_losses(model, deg.hr, deg.lr)
+
+    def sample(model, lr, generator):
+        return RegressionPipeline(model)(lr).sr
+
+    validate = sr_validation(sample, val_files, degrade, cfg) if val_files and cfg.train.val_every else None
+    cfg = dataclasses.replace(cfg, model=model_cfg.to_dict())
+    meta = {"config": json.dumps({"model": model_cfg.to_dict()}), "method": "regression",
+            "degradation": d.degradation, "train_config": json.dumps(to_dict(cfg))}
+    return Recipe(MCFormer(model_cfg), loss_fn, dataset, validate, meta, cfg)
+
+
+RECIPES: dict[str, Callable[[RunConfig], Recipe]] = {"blinddiff": blinddiff_recipe, "regression": regression_recipe}
+
+
+def git_commit(path: Path | None = None) -> str | None:
+    """The commit of the git checkout holding ``path`` (the package by default), with ``-dirty`` if modified."""
+    cwd = path or Path(__file__).resolve().parent
+    if os.environ.get("BLINDSR_GIT_COMMIT"):  # a copy of the tree without .git (e.g. a remote GPU machine)
+        return os.environ["BLINDSR_GIT_COMMIT"]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_training(cfg: RunConfig, *, device: str = "auto", resume: str | None = None,
+                 progress: bool = True) -> TrainResult:
+    """Build ``cfg.method``'s recipe, save ``config.yaml`` + ``meta.json`` in the run dir, and train."""
+    from blindsr import __version__
+
+    if cfg.method not in RECIPES:
+        raise BlindSRError(f"config: method {cfg.method!r}: choose one of {', '.join(RECIPES)}")
+    torch.manual_seed(cfg.train.seed)  # the model's initial weights (everything else has its own generators)
+    recipe = RECIPES[cfg.method](cfg)
+    trainer = Trainer(recipe.model, recipe.loss_fn, recipe.dataset, cfg.output, train=cfg.train, optim=cfg.optim,
+                      batch_size=cfg.data.batch_size, workers=cfg.data.workers, validate_fn=recipe.validate_fn,
+                      device=device, export_metadata=recipe.export_metadata, progress=progress)
+    if trainer.is_main:
+        run_dir = Path(cfg.output)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(recipe.config or cfg, run_dir / "config.yaml")
+        acc = trainer.accelerator
+        meta = {"blindsr": __version__, "git_commit": git_commit(), "argv": sys.argv, "resume": resume,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__,
+                "processes": acc.num_processes, "device": str(acc.device), "mixed_precision": cfg.train.mixed_precision,
+                "train_images": len(recipe.dataset), "model_parameters": sum(p.numel() for p in recipe.model.parameters())}
+        path = run_dir / "meta.json"  # one entry per start (fresh or resumed)
+        runs = json.loads(path.read_text()).get("runs", []) if path.is_file() else []
+        path.write_text(json.dumps({"runs": [*runs, meta]}, indent=2) + "\n")
+    return trainer.fit(resume)
+
+
+__all__ = ["RECIPES", "Recipe", "blinddiff_recipe", "regression_recipe", "run_training", "git_commit"]
