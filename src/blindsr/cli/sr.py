@@ -1,0 +1,188 @@
+"""``blindsr sr``: blind super-resolution with BlindDiff (the embedded default model needs no flags).
+
+    blindsr sr photo.png lr_folder/ -o out/ --steps 100 --save-kernel
+
+Outputs are PNG files named after the inputs (sub-folders of a folder input are kept), written atomically,
+never over an input and never over an existing file without ``--overwrite``. Each image gets its own
+generator seeded with ``--seed``, so its result does not depend on the other inputs or on ``--batch-size``.
+Alpha channels are upscaled separately (bicubic); grayscale inputs are written back as grayscale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+DEFAULT_OUTPUT = "blindsr-output"
+
+
+def register(subparsers, help_: str) -> None:
+    from blindsr.cli.common import add_common
+
+    p = subparsers.add_parser("sr", help=help_, description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
+    p.add_argument("-o", "--output", default=DEFAULT_OUTPUT, metavar="OUTDIR",
+                   help=f"output folder (default: ./{DEFAULT_OUTPUT})")
+    p.add_argument("--method", default="blinddiff", choices=["blinddiff"], help="SR method (default: blinddiff)")
+    p.add_argument("--ckpt", metavar="FILE", help="checkpoint (.safetensors/.pth) with its config in the metadata "
+                   "or a sidecar .json; default: the embedded BlindDiff-S model")
+    p.add_argument("--steps", type=int, help="sampling steps (respaced; default: the model's, 500 for BlindDiff)")
+    p.add_argument("--lambda", dest="lam", type=float, help="kernel-aware gradient step (default 1; 0 = off, faster)")
+    p.add_argument("--norm", choices=["l2", "l2sq"], help="guidance norm: l2 (official) or l2sq (paper)")
+    p.add_argument("--down", choices=["bicubic", "stride"], help="downsampling in the guidance operator")
+    p.add_argument("--x0-reg", type=float, help="weight of the official extra ||x0|| term (default 0.1; 0 = paper)")
+    p.add_argument("--kernel-mode", choices=["estimated", "bicubic"],
+                   help="guidance kernel: estimated by the model, or identity ('bicubic' ablation)")
+    p.add_argument("--tile", type=int, metavar="T", help="HR tile size for large images (default: whole image)")
+    p.add_argument("--tile-overlap", type=int, metavar="P", help="HR overlap between tiles (default 32)")
+    p.add_argument("--batch-size", type=int, default=1, metavar="B", help="images per batch (same size only)")
+    p.add_argument("--save-kernel", action="store_true", help="also write NAME_kernel.png and NAME_kernel.npy")
+    p.add_argument("--save-trajectory", action="store_true",
+                   help="also write NAME_trajectory.png (x0 estimates) and NAME_kernels.npy (kernel per step)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--recursive", action="store_true", help="descend into sub-folders of folder inputs")
+    p.add_argument("--quiet", action="store_true", help="no per-image lines or progress bars")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def _collect(inputs: list[str], recursive: bool) -> list[tuple[Path, Path | None]]:
+    """(file, folder input it came from or None), in argument order, duplicates removed."""
+    from blindsr.io.images import list_images
+
+    out, seen = [], set()
+    for arg in inputs:
+        with warnings.catch_warnings(record=True):  # reported below as one line
+            files, skipped = list_images([arg], recursive=recursive)
+        if skipped:
+            names = ", ".join(s.name for s in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+            print(f"blindsr: skipped {len(skipped)} non-image file(s) in {arg}: {names}", file=sys.stderr)
+        root = Path(arg) if Path(arg).is_dir() else None
+        for f in files:
+            if f.resolve() not in seen:
+                seen.add(f.resolve())
+                out.append((f, root))
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from blindsr.cli.common import run_batch
+    from blindsr.device import make_generator, resolve_device
+    from blindsr.errors import BlindSRError
+    from blindsr.io.images import check_output_path, output_path_for
+    from blindsr.methods.blinddiff import load_pipeline
+
+    if args.batch_size < 1:
+        raise BlindSRError("--batch-size must be at least 1")
+    if args.steps is not None and args.steps < 1:
+        raise BlindSRError("--steps must be at least 1")
+    items = _collect(args.inputs, args.recursive)
+    if not items:
+        raise BlindSRError("no images found in " + ", ".join(args.inputs))
+    out_dir = Path(args.output)
+    inputs = [f for f, _ in items]
+    targets = {f: output_path_for(f, root, out_dir, ".png") for f, root in items}
+    device = resolve_device(args.device)
+    pipe = load_pipeline(args.ckpt, device=device)
+    progress = not args.quiet and sys.stderr.isatty()
+    opts = dict(steps=args.steps, lam=args.lam, norm=args.norm, down=args.down, x0_reg=args.x0_reg,
+                kernel_mode=args.kernel_mode, tile=args.tile, tile_overlap=args.tile_overlap,
+                return_trajectory=args.save_trajectory, progress=progress)
+    used: dict[Path, Path] = {}
+    done: dict[Path, str | BlindSRError] = {}  # results of the current batch, by input file
+
+    def prepare(f: Path):
+        from blindsr.io.images import load_image
+
+        target = targets[f]
+        if target.resolve() in used:
+            raise BlindSRError(f"output {target} would also be written by {used[target.resolve()]}; rename one")
+        used[target.resolve()] = f
+        check_output_path(target, overwrite=args.overwrite, inputs=inputs)
+        return load_image(f)
+
+    def process_batch(batch: list[Path]) -> None:
+        loaded = []
+        for f in batch:
+            try:
+                loaded.append((f, prepare(f)))
+            except BlindSRError as e:
+                done[f] = e
+        groups: dict[tuple[int, int], list] = {}
+        for f, img in loaded:
+            groups.setdefault((img.height, img.width), []).append((f, img))
+        for group in groups.values():
+            t0 = time.perf_counter()
+            lr = torch.stack([img.rgb for _, img in group]).to(device)
+            gens = [make_generator(args.seed, "cpu") for _ in group]
+            try:
+                res = pipe(lr, generator=gens, **opts)
+            except BlindSRError as e:
+                done.update({f: e for f, _ in group})
+                continue
+            dt = (time.perf_counter() - t0) / len(group)
+            for i, (f, img) in enumerate(group):
+                try:
+                    done[f] = _write(f, img, res, i, targets[f], pipe.scale, dt, args, inputs)
+                except BlindSRError as e:
+                    done[f] = e
+
+    order = [f for f, _ in items]
+    position = {f: i for i, f in enumerate(order)}
+
+    def one(f: Path) -> str | None:
+        if f not in done:  # first image of a new batch: run the whole batch
+            i = position[f]
+            process_batch(order[i:i + args.batch_size])
+        result = done.pop(f)
+        if isinstance(result, BlindSRError):
+            raise result
+        return result
+
+    return run_batch(order, one, name=str, quiet=args.quiet)
+
+
+def _write(f: Path, img, res, i: int, target: Path, scale: int, dt: float, args, inputs) -> str:
+    """Write the SR image (gray / alpha as the input) and the optional kernel / trajectory files."""
+    from blindsr.degradations.operators import imresize
+    from blindsr.io.images import write_image
+
+    sr = res.sr[i].float().cpu()
+    if img.is_gray:
+        sr = (0.299 * sr[0] + 0.587 * sr[1] + 0.114 * sr[2])[None]
+    alpha = None
+    if img.alpha is not None:
+        alpha = imresize(img.alpha[None].float(), size=tuple(sr.shape[-2:]))[0].clamp(0, 1)
+    write_image(target, sr, bit_depth=img.bit_depth, overwrite=args.overwrite, inputs=inputs, alpha=alpha)
+    extra = []
+    stem = target.with_suffix("")
+    if args.save_kernel:
+        from blindsr.io.visual import save_kernel
+
+        save_kernel(res.kernel[i].cpu(), f"{stem}_kernel.png", overwrite=args.overwrite)
+        extra.append("kernel")
+    if args.save_trajectory and res.x0_traj is not None:
+        _write_trajectory(stem, res, i, args.overwrite)
+        extra.append("trajectory")
+    h, w = img.height, img.width
+    more = f" (+{', '.join(extra)})" if extra else ""
+    return f"{f.name}: {w}x{h} -> {w * scale}x{h * scale} in {dt:.1f}s -> {target}{more}"
+
+
+def _write_trajectory(stem: Path, res, i: int, overwrite: bool) -> None:
+    import numpy as np
+
+    from blindsr.io.images import atomic_write
+    from blindsr.io.visual import contact_sheet
+
+    n = res.kernels_traj.shape[0]
+    labels = [f"step {s + 1}/{n}" for s in res.traj_steps]
+    contact_sheet([x[i] for x in res.x0_traj], labels, f"{stem}_trajectory.png", overwrite=overwrite)
+    with atomic_write(f"{stem}_kernels.npy", "wb", overwrite=overwrite) as fh:
+        np.save(fh, res.kernels_traj[:, i].numpy().astype(np.float32))

@@ -1,0 +1,251 @@
+"""BlindDiff: Algorithm 1 (training_losses) and Algorithm 2 (BlindDiffPipeline) on tiny models."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+import torch
+
+from blindsr.degradations.kernels import gaussian_kernel
+from blindsr.diffusion.respace import make_diffusion
+from blindsr.errors import BlindSRError, WeightsError
+from blindsr.methods import blinddiff
+from blindsr.methods.blinddiff import (
+    BlindDiffConfig,
+    BlindDiffLossConfig,
+    BlindDiffPipeline,
+    degrade,
+    load_pipeline,
+    save_pipeline,
+    training_losses,
+)
+from blindsr.models.mcformer import MCFormer, MCFormerConfig
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> MCFormer:
+    torch.manual_seed(0)
+    return MCFormer(MCFormerConfig.tiny()).eval()
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny) -> BlindDiffPipeline:
+    return BlindDiffPipeline(tiny, BlindDiffConfig(sample_steps=2))
+
+
+def _batch(b=2, size=32, seed=0):
+    g = gen(seed)
+    hr = torch.rand(b, 3, size, size, generator=g)
+    k = torch.stack([gaussian_kernel(21, s) for s in (1.0, 2.5, 3.0)[:b]])
+    return hr, degrade(hr, k, 4), k
+
+
+# ------------------------------------------------------------------------------------------------ Algorithm 1
+def test_training_losses_finite_and_backprop(tiny):
+    model = MCFormer(MCFormerConfig.tiny()).train()
+    model.load_state_dict(tiny.state_dict())
+    diffusion = BlindDiffConfig().train_diffusion()
+    assert diffusion.num_timesteps == 500 and int(diffusion.timestep_map[-1]) == 999
+    hr, lr, k = _batch()
+    terms = training_losses(model, diffusion, hr, lr, k, generator=gen(0))
+    assert set(terms) == {"mse", "vb", "kernel", "loss"}
+    assert all(v.ndim == 0 and torch.isfinite(v) for v in terms.values())
+    torch.testing.assert_close(terms["loss"], terms["mse"] + terms["vb"] + terms["kernel"])
+    terms["loss"].backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert grads["predictor.0.weight"].abs().sum() > 0  # the kernel branch is trained by the kernel loss
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    # same generator, same loss
+    again = training_losses(model, diffusion, hr, lr, k, generator=gen(0))
+    assert again["loss"].item() == terms["loss"].item()
+
+
+def test_training_losses_ablation_switches(tiny):
+    diffusion = BlindDiffConfig().train_diffusion()
+    hr, lr, k = _batch()
+    with torch.no_grad():
+        mse = training_losses(tiny, diffusion, hr, lr, k, generator=gen(1))
+        l1 = training_losses(tiny, diffusion, hr, lr, k, generator=gen(1), cfg=BlindDiffLossConfig(kernel_loss="l1"))
+        off = training_losses(tiny, diffusion, hr, lr, None, generator=gen(1),
+                              cfg=BlindDiffLossConfig(kernel_weight=0, learn_sigma=False))
+    out, k_hat = tiny(*_noisy(diffusion, hr, gen(1)), lr)
+    diff = k_hat - k.flatten(1)
+    assert mse["kernel"].item() == pytest.approx(diff.pow(2).mean().item(), rel=1e-5)  # official: MSE on 441
+    assert l1["kernel"].item() == pytest.approx(diff.abs().mean().item(), rel=1e-5)  # paper: L1
+    assert set(off) == {"mse", "loss"} and off["loss"].item() == pytest.approx(mse["mse"].item(), rel=1e-6)
+    with pytest.raises(BlindSRError, match="ground-truth kernels"):
+        training_losses(tiny, diffusion, hr, lr, None, generator=gen(1))
+
+
+def _noisy(diffusion, hr, g):
+    """Reproduce training_losses' draws: t, then noise, from the same generator."""
+    t = torch.randint(0, diffusion.num_timesteps, (hr.shape[0],), generator=g)
+    noise = torch.randn(hr.shape, generator=g)
+    return diffusion.q_sample(hr, t, noise), diffusion.original_t(t)
+
+
+def test_smaller_kernels_are_centred_in_the_model_kernel():
+    k11 = gaussian_kernel(11, 1.0)[None]
+    k21 = blinddiff._fit_kernel(k11, 21)
+    assert k21.shape == (1, 21, 21) and k21.sum().item() == pytest.approx(1.0)
+    assert torch.equal(k21[0, 5:16, 5:16], k11[0])
+    with pytest.raises(BlindSRError):
+        blinddiff._fit_kernel(torch.ones(1, 10, 10), 21)
+
+
+# ------------------------------------------------------------------------------------------------ Algorithm 2
+def test_pipeline_shapes_and_determinism(pipe):
+    lr = torch.rand(1, 3, 9, 7, generator=gen(0))  # odd sizes: padded to a multiple of 2, cropped back
+    a = pipe(lr, generator=gen(5))
+    b = pipe(lr, generator=gen(5))
+    c = pipe(lr, generator=gen(6))
+    assert a.sr.shape == (1, 3, 36, 28) and a.kernel.shape == (1, 21, 21)
+    assert a.sr.min() >= 0 and a.sr.max() <= 1
+    assert a.kernel.sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert torch.equal(a.sr, b.sr) and not torch.equal(a.sr, c.sr)
+
+
+def test_batch_of_two_equals_two_single_runs(pipe):
+    lr = torch.rand(2, 3, 8, 8, generator=gen(0))
+    batch = pipe(lr, generator=[gen(1), gen(2)])
+    for i in range(2):
+        single = pipe(lr[i:i + 1], generator=[gen(i + 1)])
+        # batched vs single convolutions differ by ~1e-7, amplified by 1/sqrt(abar_T) ~ 150 at the first step
+        torch.testing.assert_close(batch.sr[i:i + 1], single.sr, atol=2e-4, rtol=0)
+        torch.testing.assert_close(batch.kernel[i:i + 1], single.kernel, atol=1e-6, rtol=1e-4)
+
+
+def test_lambda_zero_runs_without_autograd(tiny):
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config = tiny, tiny.config
+
+        def forward(self, x, t, cond):
+            seen.append(torch.is_grad_enabled())
+            return self.inner(x, t, cond)
+    p = BlindDiffPipeline(Spy(), BlindDiffConfig(sample_steps=2))
+    p(torch.rand(1, 3, 8, 8), lam=0, generator=gen(0))
+    p(torch.rand(1, 3, 8, 8), lam=1, generator=gen(0))
+    assert seen == [False, False, True, True]
+    assert p.model.training  # sampling runs in eval mode and restores the caller's mode
+
+
+def test_guidance_loss_is_the_official_formula():
+    """B = 1: ||y - bicubic_x1/4(blur(x0, k))||_2 + 0.1 ||x0||_2 (HEAD p_sample_loop_progressive)."""
+    from blindsr.degradations.operators import blur, imresize
+
+    g = gen(0)
+    x0, y = torch.rand(1, 3, 32, 32, generator=g), torch.rand(1, 3, 8, 8, generator=g)
+    k = torch.softmax(torch.randn(1, 441, generator=g), 1)
+    guide = blinddiff.KernelGuidance(y, 4, lambda raw: raw.reshape(-1, 21, 21), x0_reg=0.1)
+    want = torch.linalg.norm(y - imresize(blur(x0, k.view(1, 21, 21)), 1 / 4)) + 0.1 * torch.linalg.norm(x0)
+    assert guide.loss(x0, k).item() == pytest.approx(want.item(), rel=1e-6)
+    sq = blinddiff.KernelGuidance(y, 4, lambda raw: raw.reshape(-1, 21, 21), norm="l2sq", x0_reg=0)
+    assert sq.loss(x0, k).item() == pytest.approx((y - imresize(blur(x0, k.view(1, 21, 21)), 1 / 4)).square().sum()
+                                                  .item(), rel=1e-6)
+
+
+class Oracle(torch.nn.Module):
+    """Exact MMSE denoiser for the prior x0 ~ N(mu, s^2 I), plus the true kernel (Tweedie's formula)."""
+
+    def __init__(self, mu, s, kernel):
+        super().__init__()
+        self.config = types.SimpleNamespace(scale=4)
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+        self.mu, self.s2, self.kernel = mu, s * s, kernel.reshape(1, -1)
+        self.abar = make_diffusion(1000).alphas_cumprod.float()
+
+    def forward(self, x_t, t, cond):
+        abar = self.abar[t].view(-1, 1, 1, 1)
+        x0 = self.mu + abar.sqrt() * self.s2 / (abar * self.s2 + 1 - abar) * (x_t - abar.sqrt() * self.mu)
+        eps = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+        return torch.cat([eps, torch.zeros_like(eps)], 1), self.kernel.expand(x_t.shape[0], -1)
+
+
+def test_kernel_aware_gradient_lowers_the_measurement_residual():
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 32), torch.linspace(0, 1, 32), indexing="ij")
+    mu = (0.5 + 0.2 * torch.stack([torch.sin(6 * xx), torch.cos(5 * yy), torch.sin(4 * (xx + yy))]))[None]
+    k = gaussian_kernel(21, 2.0)
+    x0 = mu + 0.15 * torch.randn(1, 3, 32, 32, generator=gen(0))
+    y = degrade(x0, k[None], 4)
+    p = BlindDiffPipeline(Oracle(mu, 0.15, k))
+
+    def residual(lam):
+        r = p(y, steps=25, lam=lam, x0_reg=0, generator=gen(1))
+        torch.testing.assert_close(r.kernel[0], k)
+        return (y - degrade(r.sr, k[None], 4)).norm().item()
+    r0, r1, r2 = residual(0), residual(1), residual(2)
+    assert r1 < 0.9 * r0 and r2 < 0.9 * r1
+
+
+def test_options_trajectory_and_errors(pipe):
+    lr = torch.rand(1, 3, 8, 8, generator=gen(0))
+    # the paper's squared norm has no normalisation: on an untrained net it needs a small step
+    r = pipe(lr, generator=gen(0), lam=1e-3, norm="l2sq", down="stride", kernel_mode="bicubic", x0_reg=0,
+             return_trajectory=True)
+    assert r.kernels_traj.shape == (2, 1, 21, 21) and r.x0_traj.shape == (2, 1, 3, 32, 32)
+    assert r.traj_steps == [0, 1] and torch.equal(r.kernels_traj[-1], r.kernel)
+    assert torch.isfinite(r.sr).all()
+    with pytest.raises(BlindSRError, match="norm"):
+        pipe(lr, norm="l1")
+    with pytest.raises(BlindSRError, match="expects LR images"):
+        pipe(torch.rand(3, 8, 8))
+
+
+def test_tiled_sampling(pipe):
+    lr = torch.rand(1, 3, 16, 8, generator=gen(0))
+    whole = pipe(lr, generator=gen(3), lam=0)
+    big_tile = pipe(lr, generator=gen(3), lam=0, tile=64)
+    assert torch.equal(whole.sr, big_tile.sr)
+    small = pipe(lr, generator=gen(3), tile=32, tile_overlap=8)  # 3 tiles; the guidance gradient spans them
+    assert small.sr.shape == whole.sr.shape and torch.isfinite(small.sr).all()
+    assert small.kernel.sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("scale, size", [(2, (5, 6)), (3, (7, 5)), (1, (12, 9))])
+def test_other_scales_and_deblurring(scale, size):
+    torch.manual_seed(0)
+    p = BlindDiffPipeline(MCFormer(MCFormerConfig.tiny(scale=scale)), BlindDiffConfig(sample_steps=2))
+    r = p(torch.rand(1, 3, *size, generator=gen(0)), generator=gen(0))
+    assert r.sr.shape == (1, 3, size[0] * scale, size[1] * scale) and torch.isfinite(r.sr).all()
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def test_save_and_load_pipeline_round_trip(pipe, tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_pipeline(pipe, path)
+    loaded = load_pipeline(path)
+    assert loaded.config == pipe.config and loaded.model.config == pipe.model.config
+    lr = torch.rand(1, 3, 8, 8, generator=gen(0))
+    assert torch.equal(loaded(lr, generator=gen(1)).sr, pipe(lr, generator=gen(1)).sr)
+
+
+def test_load_pipeline_sidecar_and_official_inference(pipe, tmp_path):
+    sd = {k: v.clone() for k, v in pipe.model.state_dict().items()}
+    torch.save({"params_ema": sd}, tmp_path / "net.pth")
+    inferred = load_pipeline(tmp_path / "net.pth")  # no config: inferred from the weights
+    assert inferred.model.config == pipe.model.config
+    cfg = {"model": pipe.model.config.to_dict(), "blinddiff": {"sample_steps": 7}}
+    (tmp_path / "net.json").write_text(json.dumps(cfg))
+    assert load_pipeline(tmp_path / "net.pth").config.sample_steps == 7
+
+
+def test_load_pipeline_errors(tmp_path, monkeypatch):
+    with pytest.raises(WeightsError, match="checkpoint not found"):
+        load_pipeline(tmp_path / "missing.safetensors")
+    monkeypatch.setattr(blinddiff, "default_model_path", lambda: tmp_path / "nope.safetensors")
+    with pytest.raises(WeightsError, match="default BlindDiff model is not installed"):
+        load_pipeline()
+    (tmp_path / "bad.json").write_text("{")
+    torch.save({}, tmp_path / "bad.pth")
+    with pytest.raises(WeightsError, match="invalid JSON"):
+        load_pipeline(tmp_path / "bad.pth")

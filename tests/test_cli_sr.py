@@ -1,0 +1,114 @@
+"""``blindsr sr`` end to end on a tiny random MCFormer checkpoint (few steps)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from blindsr.cli.main import main
+from blindsr.methods import blinddiff
+from blindsr.methods.blinddiff import BlindDiffConfig, BlindDiffPipeline, save_pipeline
+from blindsr.models.mcformer import MCFormer, MCFormerConfig
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_pipeline(BlindDiffPipeline(MCFormer(MCFormerConfig.tiny()), BlindDiffConfig(sample_steps=2)), path)
+    return path
+
+
+def _img(path, shape, mode=None, seed=0):
+    a = (np.random.default_rng(seed).random(shape) * 255).astype(np.uint8)
+    Image.fromarray(a, mode).save(path)
+    return path
+
+
+@pytest.fixture()
+def inputs(tmp_path):
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    _img(d / "rgb.png", (10, 12, 3))
+    _img(d / "gray.png", (8, 9))
+    _img(d / "rgba.png", (8, 8, 4), seed=2)
+    _img(d / "sub" / "deep.png", (8, 8, 3), seed=3)
+    (d / "notes.txt").write_text("not an image")
+    return d
+
+
+def test_sr_folder_end_to_end(ckpt, inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["sr", str(inputs), "--ckpt", str(ckpt), "-o", str(out), "--save-kernel", "--seed", "3",
+               "--device", "cpu", "--recursive", "--batch-size", "2"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and len(lines) == 4
+    assert any(line.startswith("rgb.png: 12x10 -> 48x40") for line in lines)
+    rgb = Image.open(out / "rgb.png")
+    assert rgb.size == (48, 40) and rgb.mode == "RGB"
+    gray = Image.open(out / "gray.png")
+    assert gray.size == (36, 32) and gray.mode in ("L", "I;16")  # gray in, gray out
+    rgba = Image.open(out / "rgba.png")
+    assert rgba.mode == "RGBA" and rgba.size == (32, 32)
+    assert (out / "sub" / "deep.png").is_file()  # sub-folders of a folder input are kept
+    k = np.load(out / "rgb_kernel.npy")
+    assert k.shape == (21, 21) and k.sum() == pytest.approx(1.0, abs=1e-4)
+    assert (out / "rgb_kernel.png").is_file()
+    # same seed, same result, whatever the batch: rerun one image alone
+    out2 = tmp_path / "out2"
+    assert main(["sr", str(inputs / "rgb.png"), "--ckpt", str(ckpt), "-o", str(out2), "--seed", "3",
+                 "--device", "cpu"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out2 / "rgb.png")), np.asarray(rgb))
+
+
+def test_sr_refuses_existing_outputs_and_keeps_going(ckpt, inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["sr", str(inputs / "rgb.png"), str(inputs / "gray.png"), "--ckpt", str(ckpt), "-o", str(out),
+            "--lambda", "0"]
+    assert main(args) == 0
+    before = (out / "rgb.png").read_bytes()
+    (out / "gray.png").unlink()
+    assert main(args) == 3  # rgb.png exists -> fails, gray.png is written again
+    err = capsys.readouterr().err
+    assert "output exists" in err and (out / "gray.png").is_file()
+    assert (out / "rgb.png").read_bytes() == before
+    assert main(args + ["--overwrite"]) == 0
+
+
+def test_sr_save_trajectory(ckpt, inputs, tmp_path):
+    out = tmp_path / "out"
+    assert main(["sr", str(inputs / "rgb.png"), "--ckpt", str(ckpt), "-o", str(out), "--save-trajectory",
+                 "--steps", "3", "--lambda", "0"]) == 0
+    assert np.load(out / "rgb_kernels.npy").shape == (3, 21, 21)
+    assert Image.open(out / "rgb_trajectory.png").size[0] > 48
+
+
+def test_sr_never_writes_over_an_input(ckpt, tmp_path, capsys):
+    img = _img(tmp_path / "x.png", (8, 8, 3))
+    before = img.read_bytes()
+    rc = main(["sr", str(img), "--ckpt", str(ckpt), "-o", str(tmp_path), "--overwrite", "--lambda", "0"])
+    assert rc == 2 and "input" in capsys.readouterr().err
+    assert img.read_bytes() == before
+
+
+def test_sr_errors(ckpt, tmp_path, capsys, monkeypatch):
+    good = _img(tmp_path / "good.png", (8, 8, 3))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage")
+    out = tmp_path / "out"
+    assert main(["sr", str(bad), str(good), "--ckpt", str(ckpt), "-o", str(out), "--lambda", "0"]) == 3
+    err = capsys.readouterr().err
+    assert "bad.png" in err and (out / "good.png").is_file() and not (out / "bad.png").exists()
+
+    assert main(["sr", str(good), "--ckpt", str(tmp_path / "missing.safetensors"), "-o", str(out)]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+
+    monkeypatch.setattr(blinddiff, "default_model_path", lambda: tmp_path / "none.safetensors")
+    assert main(["sr", str(good), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "default BlindDiff model is not installed" in err and len(err.strip().splitlines()) == 1
+
+    assert main(["sr", str(tmp_path / "nothing-here"), "--ckpt", str(ckpt)]) == 2
+    assert "no such file" in capsys.readouterr().err
