@@ -54,6 +54,7 @@ class TrainConfig:
     mixed_precision: str = "no"      # no | fp16 | bf16
     seed: int = 0
     ema_decay: float = 0.999         # applied every step (0 disables EMA: the EMA model is the model)
+    ema_warmup: bool = False         # decay min(ema_decay, (1+n)/(10+n)): for short runs (official: off)
     skip_loss_factor: float | None = 100.0  # skip a step whose loss > factor x the previous loss (official guard)
     log_every: int = 100
     ckpt_every: int = 5000

@@ -137,7 +137,7 @@ class Trainer:
         if ckpt is None and ckpt_io.list_checkpoints(self.run_dir):
             raise BlindSRError(f"{self.run_dir} already holds checkpoints: use --resume auto, or another --output")
         state: dict[str, Any] = {}
-        self.ema = EMA(self.model, self.cfg.ema_decay)
+        self.ema = EMA(self.model, self.cfg.ema_decay, self.cfg.ema_warmup)
         if ckpt is not None:
             model_sd, ema_sd, state = ckpt_io.load_checkpoint(ckpt)
             self.model.load_state_dict(model_sd)
@@ -224,7 +224,7 @@ class Trainer:
             if self.optim_cfg.grad_clip:
                 acc.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)
             self.optimizer.step()
-            self.ema.update(acc.unwrap_model(self.model))
+            self.ema.update(acc.unwrap_model(self.model), step)
             self.last_loss = out["loss"]
         self.optimizer.zero_grad(set_to_none=True)
         out.update(lr=lr, skipped=float(skipped))
