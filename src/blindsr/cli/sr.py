@@ -37,6 +37,8 @@ def register(subparsers, help_: str) -> None:
     p.add_argument("--x0-reg", type=float, help="weight of the official extra ||x0|| term (default 0.1; 0 = paper)")
     p.add_argument("--kernel-mode", choices=["estimated", "bicubic"],
                    help="guidance kernel: estimated by the model, or identity ('bicubic' ablation)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"],
+                   help="ddpm: ancestral with learned variance (official, default); ddim: deterministic (eta 0)")
     p.add_argument("--tile", type=int, metavar="T", help="HR tile size for large images (default: whole image)")
     p.add_argument("--tile-overlap", type=int, metavar="P", help="HR overlap between tiles (default 32)")
     p.add_argument("--batch-size", type=int, default=1, metavar="B", help="images per batch (same size only)")
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.ckpt, device=device)
     progress = not args.quiet and sys.stderr.isatty()
     opts = dict(steps=args.steps, lam=args.lam, norm=args.norm, down=args.down, x0_reg=args.x0_reg,
-                kernel_mode=args.kernel_mode, tile=args.tile, tile_overlap=args.tile_overlap,
+                kernel_mode=args.kernel_mode, sampler=args.sampler, tile=args.tile, tile_overlap=args.tile_overlap,
                 return_trajectory=args.save_trajectory, progress=progress)
     used: dict[Path, Path] = {}
     done: dict[Path, str | BlindSRError] = {}  # results of the current batch, by input file
