@@ -21,7 +21,6 @@ COMMANDS = [
     ("eval", "PSNR/SSIM (and learned metrics) of predictions against ground truth"),
     ("train", "train a model from a config file (on Accelerate)"),
     ("weights", "inspect and convert checkpoints"),
-    ("bench", "time and memory benchmarks"),
 ]
 
 

@@ -1,0 +1,211 @@
+"""``blindsr restore``: two-stage blind restoration with DiffBIR (stage-1 cleaner + SD 2.1 IRControlNet).
+
+    blindsr restore photo.png lq_folder/ -o out/ --task sr --version v2 --upscale 4
+    blindsr restore scan.png -o out/ --stage1-only --cleaner RealESRGAN_x4plus.safetensors --cleaner-kind bsrnet
+
+Weights are local files only. Each can be given by its flag, an environment variable (BLINDSR_SD21,
+BLINDSR_SD21_ZSNR, BLINDSR_DIFFBIR_V1_GENERAL, BLINDSR_DIFFBIR_V1_FACE, BLINDSR_DIFFBIR_V2, BLINDSR_DIFFBIR_V21,
+BLINDSR_BSRNET, BLINDSR_SCUNET_PSNR, BLINDSR_SWINIR_GENERAL, BLINDSR_SWINIR_FACE, BLINDSR_SWINIR_REALESRGAN) or a
+JSON file {"sd21": PATH, "diffbir_v2": PATH, "bsrnet": PATH, ...} at $BLINDSR_CONFIG or
+~/.config/blindsr/weights.json. --sd also takes a local diffusers folder (unet/, vae/, text_encoder/).
+Presets (--version): v1 = spaced 50 steps, no CFG; v2 = paper setting (spaced 50, cfg 4, negative prompt);
+v2.1 = zero-SNR v-prediction, DPM-Solver++ 3M SDE 10 steps, cfg 8. Outputs are PNGs named after the inputs,
+written atomically; every image gets its own generator seeded with --seed (results do not depend on batching).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+DEFAULT_OUTPUT = "blindsr-restored"
+
+
+def register(subparsers, help_: str) -> None:
+    from blindsr.cli.common import add_common
+
+    p = subparsers.add_parser("restore", help=help_, description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
+    p.add_argument("-o", "--output", default=DEFAULT_OUTPUT, metavar="OUTDIR",
+                   help=f"output folder (default: ./{DEFAULT_OUTPUT})")
+    p.add_argument("--method", default="diffbir", choices=["diffbir"], help="restoration method (default: diffbir)")
+    p.add_argument("--task", default="sr", choices=["sr", "denoise", "face"], help="task preset (default: sr)")
+    p.add_argument("--version", default="v2", choices=["v1", "v2", "v2.1"], help="DiffBIR version (default: v2)")
+    p.add_argument("--upscale", type=float, help="output / input size (default: 4 for sr, 1 otherwise)")
+    w = p.add_argument_group("weights (local paths; see the environment variables above)")
+    w.add_argument("--sd", metavar="PATH", help="SD 2.1-base checkpoint (.ckpt/.safetensors) or diffusers folder")
+    w.add_argument("--controlnet", metavar="PATH", help="DiffBIR ControlNet (v1_general.pth, v2.pth, ...)")
+    w.add_argument("--cleaner", metavar="PATH", help="stage-1 cleaner weights")
+    w.add_argument("--cleaner-kind", choices=["swinir", "bsrnet", "rrdbnet", "realesrgan", "scunet"],
+                   help="cleaner architecture (default by task: sr bsrnet, denoise scunet, face swinir for v2)")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--sampler", choices=["spaced", "ddim", "dpm++_m2", "dpm++_3m_sde"], help="sampler")
+    s.add_argument("--steps", type=int, help="sampling steps")
+    s.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off)")
+    s.add_argument("--rescale-cfg", action="store_true", default=None, help="ramp the CFG scale with t (v2.1)")
+    s.add_argument("--prompt", dest="pos_prompt", help="positive prompt")
+    s.add_argument("--negative-prompt", dest="neg_prompt", help="negative prompt (the CFG's unconditional text)")
+    s.add_argument("--strength", type=float, help="control strength (default 1)")
+    s.add_argument("--noise-aug", type=int, help="noise the condition latent at this timestep (v2.1)")
+    s.add_argument("--start-point", choices=["noise", "cond"], help="x_T: pure noise or the noised condition")
+    s.add_argument("--color-fix", choices=["wavelet", "adain", "none"], help="colour correction (default wavelet)")
+    s.add_argument("--min-size", type=int, help="short side of the stage-2 input in pixels (default 512, official)")
+    g = p.add_argument_group("restoration guidance (paper v2 §3.3)")
+    g.add_argument("--guidance-scale", type=float, default=0.0, help="s (x3000 internally; README uses 0.5); 0 = off")
+    g.add_argument("--guidance-space", choices=["rgb", "latent"], default="rgb", help="default rgb (paper)")
+    g.add_argument("--guidance-loss", choices=["w_mse", "mse"], default="w_mse", help="default w_mse (region-adaptive)")
+    g.add_argument("--guidance-start", type=int, default=1001, help="guide while stop < t+1 < start (default all)")
+    g.add_argument("--guidance-stop", type=int, default=-1)
+    g.add_argument("--guidance-repeat", type=int, default=1, help="gradient steps per sampling step")
+    t = p.add_argument_group("memory")
+    t.add_argument("--tile", type=int, metavar="PX", help="diffusion tile in pixels, multiple of 64 (default 1024)")
+    t.add_argument("--tile-overlap", type=int, metavar="PX", help="diffusion tile overlap (default tile/2)")
+    t.add_argument("--cleaner-tile", type=int, metavar="PX", help="cleaner tile in input pixels (default 512)")
+    t.add_argument("--vae-tile", type=int, metavar="PX", help="VAE encoder/decoder tile in pixels (default 1024)")
+    t.add_argument("--no-tile", action="store_true", help="never tile (needs the most memory)")
+    t.add_argument("--dtype", default="fp32", help="UNet/ControlNet precision: fp32 (default), fp16, bf16")
+    t.add_argument("--offload", action="store_true", help="keep models on the CPU except while each is used")
+    p.add_argument("--stage1-only", action="store_true", help="run only the cleaner (needs only --cleaner)")
+    p.add_argument("--save-stage1", action="store_true", help="also write NAME_stage1.png")
+    p.add_argument("--batch-size", type=int, default=1, metavar="B", help="images per batch (same size only)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--recursive", action="store_true", help="descend into sub-folders of folder inputs")
+    p.add_argument("--quiet", action="store_true", help="no per-image lines or progress bars")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def build_config(args: argparse.Namespace, device):
+    """The DiffBIR config from the preset of --version/--task and the flags that were given."""
+    from blindsr.device import resolve_dtype
+    from blindsr.diffusion.region_guidance import GuidanceConfig
+    from blindsr.diffusion.vae_tiling import VAETiling
+    from blindsr.methods.diffbir import DiffBIRConfig, Tiling
+
+    tiling = Tiling.off() if args.no_tile else Tiling()
+    if not args.no_tile:
+        if args.tile is not None:
+            tiling.diffusion_tile = args.tile
+            tiling.diffusion_overlap = args.tile // 2 if args.tile_overlap is None else args.tile_overlap
+        elif args.tile_overlap is not None:
+            tiling.diffusion_overlap = args.tile_overlap
+        if args.cleaner_tile is not None:
+            tiling.cleaner_tile = args.cleaner_tile
+            tiling.cleaner_overlap = min(tiling.cleaner_overlap, args.cleaner_tile // 2)
+        if args.vae_tile is not None:
+            tiling.vae = VAETiling(encoder_tile=args.vae_tile, decoder_tile=args.vae_tile)
+    guidance = GuidanceConfig(scale=args.guidance_scale, loss=args.guidance_loss, space=args.guidance_space,
+                              start=args.guidance_start, stop=args.guidance_stop, repeat=args.guidance_repeat)
+    return DiffBIRConfig.from_preset(
+        args.version, args.task, upscale=args.upscale, sampler=args.sampler, steps=args.steps, cfg=args.cfg,
+        rescale_cfg=args.rescale_cfg, pos_prompt=args.pos_prompt, neg_prompt=args.neg_prompt,
+        strength=args.strength, noise_aug=args.noise_aug, start_point=args.start_point, color_fix=args.color_fix,
+        min_size=args.min_size,
+        guidance=guidance, tiling=tiling, dtype=resolve_dtype(args.dtype, device), offload=args.offload)
+
+
+def _collect(inputs: list[str], recursive: bool) -> list[tuple[Path, Path | None]]:
+    """(file, folder input it came from or None), in argument order, duplicates removed."""
+    from blindsr.io.images import list_images
+
+    out, seen = [], set()
+    for arg in inputs:
+        with warnings.catch_warnings(record=True):
+            files, skipped = list_images([arg], recursive=recursive)
+        if skipped:
+            print(f"blindsr: skipped {len(skipped)} non-image file(s) in {arg}", file=sys.stderr)
+        root = Path(arg) if Path(arg).is_dir() else None
+        for f in files:
+            if f.resolve() not in seen:
+                seen.add(f.resolve())
+                out.append((f, root))
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from blindsr.cli.common import run_batch
+    from blindsr.device import make_generator, resolve_device
+    from blindsr.errors import BlindSRError
+    from blindsr.io.images import check_output_path, load_image, output_path_for
+    from blindsr.methods.diffbir import DiffBIRPipeline, resolve_weights
+
+    if args.batch_size < 1:
+        raise BlindSRError("--batch-size must be at least 1")
+    device = resolve_device(args.device)
+    config = build_config(args, device)
+    items = _collect(args.inputs, args.recursive)
+    if not items:
+        raise BlindSRError("no images found in " + ", ".join(args.inputs))
+    paths = resolve_weights(args.version, args.task, sd=args.sd, controlnet=args.controlnet, cleaner=args.cleaner,
+                            cleaner_kind=args.cleaner_kind, stage1_only=args.stage1_only)
+    inputs = [f for f, _ in items]
+    targets = {f: output_path_for(f, root, Path(args.output), ".png") for f, root in items}
+    for f in inputs:  # fail before loading gigabytes of weights
+        check_output_path(targets[f], overwrite=args.overwrite, inputs=inputs)
+    pipe = DiffBIRPipeline.from_paths(config, paths, device)
+    progress = not args.quiet and sys.stderr.isatty()
+    done: dict[Path, str | BlindSRError] = {}
+
+    def process(batch: list[Path]) -> None:
+        groups: dict[tuple[int, int], list] = {}
+        for f in batch:
+            try:
+                img = load_image(f)
+                groups.setdefault((img.height, img.width), []).append((f, img))
+            except BlindSRError as e:
+                done[f] = e
+        for group in groups.values():
+            t0 = time.perf_counter()
+            lq = torch.stack([img.rgb for _, img in group])
+            gens = [make_generator(args.seed, "cpu") for _ in group]
+            try:
+                res = pipe(lq, gens, stage1_only=args.stage1_only, progress=progress)
+            except BlindSRError as e:
+                done.update({f: e for f, _ in group})
+                continue
+            dt = (time.perf_counter() - t0) / len(group)
+            for i, (f, img) in enumerate(group):
+                try:
+                    done[f] = _write(f, img, res, i, targets[f], dt, args, inputs)
+                except BlindSRError as e:
+                    done[f] = e
+
+    order = [f for f, _ in items]
+    position = {f: i for i, f in enumerate(order)}
+
+    def one(f: Path) -> str | None:
+        if f not in done:
+            i = position[f]
+            process(order[i:i + args.batch_size])
+        result = done.pop(f)
+        if isinstance(result, BlindSRError):
+            raise result
+        return result
+
+    return run_batch(order, one, name=str, quiet=args.quiet)
+
+
+def _write(f: Path, img, res, i: int, target: Path, dt: float, args, inputs) -> str:
+    """Write the restored image (grayscale / alpha as the input) and optionally the stage-1 image."""
+    from blindsr.degradations.operators import imresize
+    from blindsr.io.images import write_image
+
+    out = res.image[i].float().cpu()
+    if img.is_gray:
+        out = (0.299 * out[0] + 0.587 * out[1] + 0.114 * out[2])[None]
+    alpha = None
+    if img.alpha is not None:
+        alpha = imresize(img.alpha[None].float(), size=tuple(out.shape[-2:]))[0].clamp(0, 1)
+    write_image(target, out, bit_depth=img.bit_depth, overwrite=args.overwrite, inputs=inputs, alpha=alpha)
+    if args.save_stage1:
+        stem = target.with_suffix("")
+        write_image(f"{stem}_stage1.png", res.stage1[i].float().clamp(0, 1).cpu(), overwrite=args.overwrite,
+                    inputs=inputs)
+    h, w = img.height, img.width
+    return f"{f.name}: {w}x{h} -> {out.shape[-1]}x{out.shape[-2]} in {dt:.1f}s -> {target}"

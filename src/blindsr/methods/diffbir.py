@@ -1,0 +1,441 @@
+"""DiffBIR (Lin et al., ECCV 2024): two-stage blind image restoration.
+
+Stage 1 removes the degradation with a regression "cleaner" (BSRNet x4 / SwinIR / SCUNet). Stage 2 regenerates
+detail with SD 2.1 steered by an IRControlNet on the cleaner output's VAE latent (paper v2 §3.2), optionally
+pulled back toward the stage-1 image by region-adaptive restoration guidance (§3.3). Then the wavelet colour fix
+takes the low frequencies from stage 1, and the result is resized to ``input size x upscale``.
+
+Sizes as the official ``pipeline.py``: stage 1's output has its short side raised to ``min_size`` (512); the
+condition is zero-padded to a multiple of 64 (8 when tiled) and everything is cropped back afterwards.
+x1 cleaners (SwinIR, SCUNet) run on the bicubic-upscaled input (SwinIR after the 512 resize, SCUNet before it);
+BSRNet runs on the input and its x4 output is resized.
+
+Large images: the cleaner, the VAE encoder, the diffusion (ControlNet + UNet, every step, cond and uncond) and
+the VAE decoder are each tiled automatically once the image exceeds their tile. UNet/ControlNet may run in
+fp16/bf16 (norms stay fp32; VAE and text encoder stay fp32, as official); ``offload`` keeps every module on the
+CPU except while it is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from blindsr.diffusion.colorfix import color_fix
+from blindsr.diffusion.region_guidance import GuidanceConfig
+from blindsr.diffusion.samplers import randn
+from blindsr.diffusion.vae_tiling import VAETiling, tiled_decode, tiled_encode
+from blindsr.errors import BlindSRError, WeightsError
+from blindsr.methods.diffbir_sampling import (
+    SAMPLERS,
+    CLDMDenoiser,
+    GuidanceTarget,
+    RestorationGuidance,
+    Schedule,
+    cast_keep_norms_fp32,
+    sample,
+)
+
+PRESETS_PATH = Path(__file__).resolve().parents[1] / "configs" / "diffbir_presets.json"
+CONFIG_ENV = "BLINDSR_CONFIG"
+DEFAULT_CONFIG_FILE = Path("~/.config/blindsr/weights.json")
+VERSIONS, TASKS = ("v1", "v2", "v2.1"), ("sr", "denoise", "face")
+
+
+@lru_cache(maxsize=1)
+def presets() -> dict[str, Any]:
+    return json.loads(PRESETS_PATH.read_text())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Tiling:
+    """Tile sizes in output pixels; 0 = never tile that stage. A stage is tiled only when the image exceeds it."""
+
+    cleaner_tile: int = 512  # stage-1 input pixels [--cleaner_tile_size 512]
+    cleaner_overlap: int = 256  # [--cleaner_tile_stride 256]
+    diffusion_tile: int = 1024  # [--cldm_tile_size 512], multiple of 64
+    diffusion_overlap: int = 512  # [--cldm_tile_stride 256 at 512]
+    vae: VAETiling = field(default_factory=VAETiling)
+
+    @classmethod
+    def off(cls) -> Tiling:
+        return cls(0, 0, 0, 0, VAETiling(encoder_tile=0, decoder_tile=0))
+
+
+@dataclass
+class DiffBIRConfig:
+    """One run's settings; ``from_preset`` fills them from ``diffbir_presets.json`` (official defaults)."""
+
+    version: str = "v2"
+    task: str = "sr"
+    upscale: float = 4.0
+    sampler: str = "spaced"  # spaced | ddim | dpm++_m2 | dpm++_3m_sde
+    steps: int = 50
+    cfg: float = 4.0  # classifier-free guidance scale; 1 = conditional only
+    rescale_cfg: bool = False  # official --rescale_cfg
+    pos_prompt: str = ""
+    neg_prompt: str = "low quality, blurry, low-resolution, noisy, unsharp, weird textures"
+    strength: float = 1.0  # control scale of all controls [--strength]
+    noise_aug: int = 0  # add noise of this timestep to the condition latent (v2.1) [--noise_aug]
+    start_point: str = "noise"  # noise | cond (SeeSR's LR embedding: x_T = q_sample(c_img, T-1))
+    prediction: str = "eps"  # eps (v1, v2) | v (v2.1)
+    zero_snr: bool = False  # zero-terminal-SNR schedule (v2.1)
+    color_fix: str = "wavelet"  # wavelet | adain | none (official v2/v2.1: always wavelet)
+    min_size: int = 512  # short side of the stage-2 input (official: 512)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    tiling: Tiling = field(default_factory=Tiling)
+    dtype: torch.dtype = torch.float32  # UNet + ControlNet compute dtype (norms stay fp32)
+    offload: bool = False  # keep modules on the CPU except while used
+    batch_cfg: bool = True  # run cond and uncond as one batch (faster; False halves activation memory)
+
+    @classmethod
+    def from_preset(cls, version: str = "v2", task: str = "sr", **overrides: Any) -> DiffBIRConfig:
+        """Official defaults of ``version`` for ``task``, then ``overrides`` (None values are ignored)."""
+        if version not in VERSIONS:
+            raise BlindSRError(f"unknown DiffBIR version {version!r}; choose {', '.join(VERSIONS)}")
+        if task not in TASKS:
+            raise BlindSRError(f"unknown task {task!r}; choose {', '.join(TASKS)}")
+        p = presets()["versions"][version]
+        names = {f.name for f in fields(cls)}
+        base = {k: v for k, v in p.items() if k in names}
+        base.update(presets()["tasks"][task])
+        unknown = set(overrides) - names
+        if unknown:
+            raise BlindSRError(f"unknown DiffBIR setting(s): {', '.join(sorted(unknown))}")
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        cfg = cls(version=version, task=task, **{k: v for k, v in base.items() if k not in ("version", "task")})
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise BlindSRError(f"unknown sampler {self.sampler!r}; choose {', '.join(SAMPLERS)}")
+        if self.steps < 1 or self.upscale <= 0 or self.min_size < 0:
+            raise BlindSRError("--steps must be >= 1 and --upscale > 0")
+        if self.start_point not in ("noise", "cond"):
+            raise BlindSRError(f"start point must be noise or cond, not {self.start_point!r}")
+        if self.tiling.diffusion_tile % 64:
+            raise BlindSRError(f"diffusion tile {self.tiling.diffusion_tile} must be a multiple of 64 pixels")
+        Schedule(prediction=self.prediction, zero_snr=self.zero_snr).base()
+
+    @property
+    def schedule(self) -> Schedule:
+        return Schedule(prediction=self.prediction, zero_snr=self.zero_snr)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weights: flag > environment variable > config file
+# ----------------------------------------------------------------------------------------------------------
+def config_file() -> Path:
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_FILE).expanduser()
+
+
+def read_config_file() -> dict[str, str]:
+    path = config_file()
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise BlindSRError(f"cannot read the weights config {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise BlindSRError(f"{path} must hold a JSON object of weight name -> path")
+    return {str(k): str(v) for k, v in data.items()}
+
+
+def resolve_weight(key: str, given: str | Path | None = None) -> Path:
+    """The path for weight ``key`` (e.g. ``diffbir_v2``): ``given`` (a flag), else ``$ENV``, else the config file.
+
+    A missing setting or file is one ``WeightsError`` line that names the flag and environment variable.
+    """
+    info = presets()["weights"].get(key)
+    if info is None:
+        raise BlindSRError(f"unknown weight name {key!r}")
+    how = f"pass {info['flag']} PATH or set {info['env']} (or \"{key}\" in {config_file()})"
+    source, value = info["flag"], given
+    if value is None and os.environ.get(info["env"]):
+        source, value = info["env"], os.environ[info["env"]]
+    if value is None:
+        value = read_config_file().get(key)
+        source = str(config_file())
+    if value is None:
+        raise WeightsError(f"no {info['what']} ({info['file']}): {how}")
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise WeightsError(f"{info['what']} not found: {path} (from {source}); {how}")
+    return path
+
+
+@dataclass
+class WeightPaths:
+    cleaner_kind: str
+    cleaner: Path
+    sd: Path | None = None
+    controlnet: Path | None = None
+
+
+def resolve_weights(version: str, task: str, *, sd: str | Path | None = None, controlnet: str | Path | None = None,
+                    cleaner: str | Path | None = None, cleaner_kind: str | None = None,
+                    stage1_only: bool = False) -> WeightPaths:
+    """All paths a run needs; stage-1-only runs need the cleaner alone."""
+    p = presets()["versions"][version]
+    kind, cleaner_key = p["cleaner"][task]
+    if cleaner_kind and cleaner_kind != kind:  # another cleaner family: its preset weight key, if any
+        kind = cleaner_kind
+        cleaner_key = {"bsrnet": "bsrnet", "rrdbnet": "bsrnet", "realesrgan": "bsrnet",
+                      "scunet": "scunet_psnr"}.get(kind, "swinir_general")
+    paths = WeightPaths(kind, resolve_weight(cleaner_key, cleaner))
+    if not stage1_only:
+        paths.sd = resolve_weight(p["sd"], sd)
+        paths.controlnet = resolve_weight(p["controlnet"][task], controlnet)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------
+def resize_short_edge(x: Tensor, size: int) -> Tensor:
+    """Official ``resize_short_edge_to``: bicubic (antialiased) so that the short side is ``size``."""
+    h, w = x.shape[-2:]
+    if h == w:
+        out = (size, size)
+    elif h < w:
+        out = (size, int(w * size / h))
+    else:
+        out = (int(h * size / w), size)
+    return F.interpolate(x, size=out, mode="bicubic", antialias=True)
+
+
+def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
+    """Zero padding at the bottom / right to a multiple of ``multiple`` (official ``pad_to_multiples_of``)."""
+    h, w = x.shape[-2:]
+    return F.pad(x, (0, -w % multiple, 0, -h % multiple))
+
+
+@dataclass
+class DiffBIRResult:
+    image: Tensor  # (B,3,h*upscale,w*upscale) in [0, 1]
+    stage1: Tensor  # cleaner output at the stage-2 resolution
+    timings: dict[str, float] = field(default_factory=dict)
+    guidance_losses: list[float] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pipeline
+# ----------------------------------------------------------------------------------------------------------
+class DiffBIRPipeline:
+    """``pipe(lq (B,3,h,w) in [0,1], generator) -> DiffBIRResult``; ``sd``/``controlnet`` may be None for
+    stage-1-only use. ``tokenizer``: a callable ``list[str] -> (B, 77)`` ids (default: ``load_tokenizer()``)."""
+
+    def __init__(self, cleaner: nn.Module, sd: Any | None, controlnet: nn.Module | None, config: DiffBIRConfig,
+                 device: torch.device | str = "cpu", tokenizer: Any | None = None):
+        self.cleaner, self.sd, self.controlnet, self.config = cleaner, sd, controlnet, config
+        self.device = torch.device(device)
+        self.tokenizer = tokenizer
+        self._home = torch.device("cpu") if config.offload else self.device
+        self.cleaner.eval().requires_grad_(False).to(self._home)
+        if sd is not None:
+            if controlnet is None:
+                raise BlindSRError("DiffBIR stage 2 needs a ControlNet")
+            cast_keep_norms_fp32(sd.unet, config.dtype)
+            cast_keep_norms_fp32(controlnet, config.dtype)
+            for m in (sd.unet, controlnet, sd.vae, sd.text_encoder):
+                m.eval().requires_grad_(False).to(self._home)
+
+    @classmethod
+    def from_paths(cls, config: DiffBIRConfig, paths: WeightPaths, device: torch.device | str = "cpu",
+                   tokenizer: Any | None = None) -> DiffBIRPipeline:
+        """Load the cleaner, SD (checkpoint file or diffusers folder) and the ControlNet from local paths."""
+        from blindsr.models.ircontrolnet import IRControlNetConfig, load_official_controlnet
+        from blindsr.models.restorers import load_restorer
+        from blindsr.models.sd import load_diffusers_folder, load_sd_checkpoint
+
+        cleaner = load_restorer(paths.cleaner_kind, paths.cleaner)
+        sd = controlnet = None
+        if paths.sd is not None:
+            sd = load_diffusers_folder(paths.sd) if paths.sd.is_dir() else load_sd_checkpoint(paths.sd)
+            ccfg = IRControlNetConfig.from_unet_config(dict(sd.unet.config))
+            controlnet = load_official_controlnet(paths.controlnet, ccfg)
+        return cls(cleaner, sd, controlnet, config, device, tokenizer)
+
+    # -- device placement --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _on_device(self, *modules: nn.Module) -> Iterator[None]:
+        """With offload: move ``modules`` to the device for the block, then back to the CPU."""
+        if not self.config.offload:
+            yield
+            return
+        for m in modules:
+            m.to(self.device)
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.to(self._home)
+
+    # -- stage 1 -----------------------------------------------------------------------------------------
+    def output_size(self, lq: Tensor) -> tuple[int, int]:
+        h, w = lq.shape[-2:]
+        return int(h * self.config.upscale), int(w * self.config.upscale)
+
+    def _clean(self, x: Tensor) -> Tensor:
+        from blindsr.models.restorers import restore_tiled
+
+        t = self.config.tiling
+        with self._on_device(self.cleaner), torch.no_grad():
+            if t.cleaner_tile > 0:
+                return restore_tiled(self.cleaner, x, t.cleaner_tile, min(t.cleaner_overlap, t.cleaner_tile - 1))
+            return self.cleaner(x)
+
+    def stage1(self, lq: Tensor, min_size: int | None = None) -> Tensor:
+        """The cleaner output (B,3,H,W), short side >= ``min_size`` (default ``config.min_size``)."""
+        from blindsr.degradations.operators import imresize
+
+        min_size = self.config.min_size if min_size is None else min_size
+        out_size = self.output_size(lq)
+        lq = lq.to(self.device, torch.float32)
+        scale = float(getattr(self.cleaner.config, "scale", 1))
+        if scale == 1:  # x1 cleaner on the bicubic-upscaled input (official PIL BICUBIC ~ MATLAB bicubic)
+            x = imresize(lq, size=out_size) if out_size != tuple(lq.shape[-2:]) else lq
+            before = type(self.cleaner).__name__ == "SwinIR"  # official SwinIRPipeline resizes before
+            if before and min(x.shape[-2:]) < min_size:
+                x = resize_short_edge(x, min_size)
+            y = self._clean(x)
+        else:  # BSRNet x4 on the input, then to the output size
+            y = self._clean(lq)
+            if min(out_size) >= min_size:
+                return F.interpolate(y, size=out_size, mode="bicubic", antialias=True)
+        if min(y.shape[-2:]) < min_size:
+            y = resize_short_edge(y, min_size)
+        return y
+
+    # -- stage 2 -----------------------------------------------------------------------------------------
+    def _tokens(self, prompts: list[str]) -> Tensor:
+        if self.tokenizer is None:
+            from blindsr.models.clip_tokenizer import load_tokenizer
+
+            self.tokenizer = load_tokenizer()
+        return self.tokenizer(prompts)
+
+    def encode_prompts(self, batch: int) -> tuple[Tensor, Tensor | None]:
+        """``c_txt`` for the positive prompt and (when CFG is on) for the negative prompt, (B, 77, C)."""
+        from blindsr.models.sd import encode_text
+
+        c = self.config
+        need_uncond = c.cfg != 1 or c.rescale_cfg
+        prompts = [c.pos_prompt] + ([c.neg_prompt] if need_uncond else [])
+        with self._on_device(self.sd.text_encoder), torch.no_grad():
+            emb = encode_text(self.sd.text_encoder, self._tokens(prompts).to(self.device)).float()
+        emb = emb.to(self.device)
+        expand = [e[None].expand(batch, -1, -1) for e in emb]
+        return expand[0], (expand[1] if need_uncond else None)
+
+    def encode_condition(self, cond: Tensor) -> Tensor:
+        """``c_img`` = VAE posterior mode x 0.18215 of the (padded) stage-1 image in [0, 1]; tiled if large."""
+        from blindsr.models.sd import vae_encode
+
+        t, vae = self.config.tiling.vae, self.sd.vae
+        with self._on_device(vae), torch.no_grad():
+            def enc(x: Tensor) -> Tensor:
+                return vae_encode(vae, x.to(vae.dtype), scale_factor=self.sd.scale_factor).float()
+            return tiled_encode(enc, cond, t.encoder_tile, t.overlap, t.encoder_margin)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Image in about [-1, 1] from a scaled latent; tiled if large; differentiable (for guidance)."""
+        from blindsr.models.sd import vae_decode
+
+        t, vae = self.config.tiling.vae, self.sd.vae
+
+        def dec(q: Tensor) -> Tensor:
+            return vae_decode(vae, q.to(vae.dtype), scale_factor=self.sd.scale_factor).float()
+        return tiled_decode(dec, z, t.decoder_tile, t.overlap, t.decoder_margin)
+
+    def stage2(self, cond_img: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None,
+               progress: bool = False, timings: dict[str, float] | None = None) -> tuple[Tensor, list[float]]:
+        """Diffusion restoration of the stage-1 image (B,3,H,W) -> (B,3,H,W) in about [0, 1]."""
+        if self.sd is None:
+            raise BlindSRError("stage 2 needs the SD and ControlNet weights (or use --stage1-only)")
+        c, timings = self.config, timings if timings is not None else {}
+        B, _, h0, w0 = cond_img.shape
+        tile_px = c.tiling.diffusion_tile
+        diff_tiled = tile_px > 0 and max(h0, w0) > tile_px
+        enc_tiled = c.tiling.vae.encoder_tile > 0 and max(h0, w0) > c.tiling.vae.encoder_tile
+        cond = pad_to_multiple(cond_img, 8 if (diff_tiled or enc_tiled) else 64)  # official padding rule
+        t0 = time.perf_counter()
+        c_txt, c_unc = self.encode_prompts(B)
+        c_img = self.encode_condition(cond)
+        h1, w1 = c_img.shape[-2:]
+        schedule, base = c.schedule, c.schedule.base()
+        T = base.num_timesteps
+        if c.start_point == "cond":
+            x_T = base.q_sample(c_img, torch.full((B,), T - 1, device=self.device),
+                                randn(c_img.shape, generator, self.device))
+        else:
+            x_T = randn((B, 4, h1, w1), generator, self.device)
+        c_clean = c_img
+        if c.noise_aug > 0:
+            c_img = base.q_sample(c_img, torch.full((B,), c.noise_aug, device=self.device),
+                                  randn(c_img.shape, generator, self.device))
+        timings["encode"] = time.perf_counter() - t0
+        denoiser = CLDMDenoiser(self.sd.unet, self.controlnet, c_img, c_txt, c_unc, cfg=c.cfg,
+                                rescale_cfg=c.rescale_cfg, strength=c.strength,
+                                tile=tile_px // 8 if diff_tiled else 0, overlap=c.tiling.diffusion_overlap // 8,
+                                batch_cfg=c.batch_cfg, dtype=c.dtype)
+        guided = c.guidance.scale != 0
+        guidance = RestorationGuidance(c.guidance, GuidanceTarget(cond, c_clean),
+                                       self.decode) if guided else None
+        t0 = time.perf_counter()
+        extra = (self.sd.vae,) if guided else ()
+        with self._on_device(self.sd.unet, self.controlnet, *extra):
+            z = sample(denoiser, x_T, schedule, c.sampler, c.steps, generator, guidance, progress)
+        timings["sample"] = time.perf_counter() - t0
+        timings["network_calls"] = float(denoiser.calls)
+        t0 = time.perf_counter()
+        with self._on_device(self.sd.vae), torch.no_grad():
+            x = self.decode(z[..., :h1, :w1])
+        timings["decode"] = time.perf_counter() - t0
+        return ((x[..., :h0, :w0] + 1) / 2).float(), (guidance.losses if guidance else [])
+
+    def __call__(self, lq: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None, *,
+                 stage1_only: bool = False, progress: bool = False) -> DiffBIRResult:
+        """Restore ``lq`` ((B,3,h,w) or (3,h,w) in [0, 1]) to ``(h, w) x upscale``."""
+        single = lq.ndim == 3
+        lq = lq[None] if single else lq
+        if lq.ndim != 4 or lq.shape[1] != 3:
+            raise BlindSRError(f"DiffBIR needs RGB images (B,3,H,W), got {tuple(lq.shape)}")
+        out_size, timings = self.output_size(lq), {}
+        t0 = time.perf_counter()
+        stage1 = self.stage1(lq, min_size=0 if stage1_only else None)
+        timings["stage1"] = time.perf_counter() - t0
+        losses: list[float] = []
+        if stage1_only:
+            out = stage1 if tuple(stage1.shape[-2:]) == out_size else \
+                F.interpolate(stage1, size=out_size, mode="bicubic", antialias=True)
+        else:
+            x, losses = self.stage2(stage1, generator, progress, timings)
+            x = color_fix(x, stage1, self.config.color_fix)
+            out = F.interpolate(x, size=out_size, mode="bicubic", antialias=True)
+        out = out.clamp(0, 1)
+        result = DiffBIRResult(out[0] if single else out, stage1[0] if single else stage1, timings, losses)
+        return result
+
+    def with_config(self, **changes: Any) -> DiffBIRPipeline:
+        """The same models with some settings changed (e.g. ``cfg=1.0``); shares all modules."""
+        new = object.__new__(DiffBIRPipeline)
+        new.__dict__.update(self.__dict__)
+        new.config = replace(self.config, **changes)
+        return new
