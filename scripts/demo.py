@@ -19,7 +19,7 @@ from pathlib import Path
 T0 = time.perf_counter()
 REPO = Path(__file__).resolve().parents[1]
 
-REAL_PHOTO, REAL_BOX = "dog.png", (40, 70, 56)  # RealSRSet image, crop (top, left, size) in LR pixels
+REAL_PHOTO, REAL_BOX = "Lincoln.png", (34, 56, 48)  # RealSRSet image, crop (top, left, size) in LR pixels
 
 
 def main() -> int:

@@ -225,3 +225,17 @@ def test_gradient_checkpointing_same_gradients(ref):
         (out.square().mean() + kernel.square().sum()).backward()
         grads.append(model.encoder_level1[0].modulation[1].weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+# ---- 7. "w/o modulation" ablation -----------------------------------------------------------------------------------
+def test_modulation_off_full_layout_and_inference():
+    with torch.device("meta"):
+        full = MCFormer(MCFormerConfig.full()).state_dict()
+        model = MCFormer(MCFormerConfig.full(modulation=False))
+    sd = model.state_dict()
+    # exactly the official keys minus the block modulation Linears and the t/k embedding MLPs
+    dropped = [k for k in full if ".modulation." in k or k.startswith(("t_embedder.", "k_mlp."))]
+    assert list(sd) == [k for k in full if k not in dropped] and len(dropped) == 2 * 32 + 8  # 32 blocks
+    assert count_parameters(model) == 25_206_355  # 26,509,267 - 1,260,672 (modulation) - 42,240 (t/k MLPs)
+    assert infer_config(sd) == MCFormerConfig.full(modulation=False)
+    assert MCFormerConfig.full().to_dict()["modulation"] is True

@@ -18,6 +18,16 @@ Two variants (``MCFormerConfig.variant``):
   :meth:`MCFormer.decode_kernel` maps a code to the (B, k, k) kernel as ``mean + code @ basisᵀ``. With the
   mean of the fitted kernels stored, decoded kernels sum to 1 (each principal component of kernels that all
   sum to 1 sums to 0); with a zero mean (the DAN/IKC convention of encoding without centring) they need not.
+
+``modulation=False`` (either variant): the "w/o modulation" ablation of MCFormer's kernel/time modulation
+(Sec. 3.3). The blocks are plain pre-norm Restormer blocks (x + MDTA(LN(x)), x + GDFN(LN(x))) with no
+``modulation`` Linear, and ``t_embedder`` / ``k_mlp`` are not built: with no modulation neither embedding has a
+path to the output (building them would leave dead parameters, which also breaks multi-GPU DDP). The network is
+then conditioned on the noise level only through x_t itself (a noise-blind denoiser, which works for Gaussian
+diffusion: the noise level is visible in x_t), and the kernel head still estimates k from cat(x_t, y_up) for the
+kernel loss and the kernel-aware guidance. Neither the paper nor the released code specifies how the ablated
+model keeps time conditioning (the official code has no switch); this is the plain reading. Full config:
+25,206,355 parameters (vs 26,509,267).
 """
 
 from __future__ import annotations
@@ -63,6 +73,7 @@ class MCFormerConfig:
     kernel_size: int = 21  # blur kernel side; the official head predicts kernel_size**2 = 441 values
     variant: str = "official"  # "official" (released code) or "paper" (4 convs, PCA code)
     pca_dim: int = 10  # kernel code length (variant "paper" only)
+    modulation: bool = True  # t/k shift-scale modulation of every block; False = "w/o modulation" ablation
 
     def __post_init__(self) -> None:
         self.num_blocks = tuple(int(n) for n in self.num_blocks)
@@ -170,10 +181,11 @@ class MCFormer(nn.Module):
 
         def stage(width: int, heads: int, n: int) -> nn.ModuleList:
             return nn.ModuleList(ModulatedBlock(width, heads, cfg.ffn_expansion_factor, cfg.bias,
-                                                cfg.layernorm_type, emb_dim=d) for _ in range(n))
+                                                cfg.layernorm_type, emb_dim=d if cfg.modulation else None)
+                                 for _ in range(n))
 
         # Registration order = official state-dict key order.
-        self.t_embedder = TimestepEmbedder(d)
+        self.t_embedder = TimestepEmbedder(d) if cfg.modulation else None
         self.patch_embed = PatchEmbed(2 * cfg.in_channels, d)
         self.predictor = kernel_predictor(cfg)
         self.encoder_level1 = stage(d, hd[0], nb[0])
@@ -193,7 +205,7 @@ class MCFormer(nn.Module):
         self.decoder_level1 = stage(2 * d, hd[0], nb[0])
         self.refinement = stage(2 * d, hd[0], cfg.num_refinement_blocks)
         k_in = cfg.kernel_size**2 if cfg.variant == "official" else cfg.pca_dim
-        self.k_mlp = nn.Sequential(nn.Linear(k_in, d), nn.Mish(), nn.Linear(d, d))
+        self.k_mlp = nn.Sequential(nn.Linear(k_in, d), nn.Mish(), nn.Linear(d, d)) if cfg.modulation else None
         self.output = nn.Conv2d(2 * d, cfg.out_channels, 3, padding=1, bias=cfg.bias)
         if cfg.variant == "paper":
             self.register_buffer("pca_basis", torch.zeros(cfg.kernel_size**2, cfg.pca_dim))
@@ -262,13 +274,14 @@ class MCFormer(nn.Module):
         t = t.expand(b) if t.ndim == 0 else t.reshape(b)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
-        t_emb = self.t_embedder(t)
         up_dtype = torch.promote_types(cond.dtype, torch.float32)  # bicubic a=-0.75, no antialias, no clamp
         cond_up = F.interpolate(cond.to(up_dtype), scale_factor=self.config.scale, mode="bicubic",
                                 align_corners=False).to(x_t.dtype)
         a = torch.cat([x_t, cond_up], dim=1)
         kernel = self.predict_kernel(a)
-        emb = t_emb + self.k_mlp(kernel.to(self.k_mlp[0].weight.dtype))  # drives every block's modulation
+        emb = None  # modulation=False: plain Restormer blocks, t and k do not reach them
+        if self.config.modulation:  # t_emb + k_emb drives every block's modulation (Fig. 3)
+            emb = self.t_embedder(t) + self.k_mlp(kernel.to(self.k_mlp[0].weight.dtype))
 
         enc1 = run_blocks(self.encoder_level1, self.patch_embed(a), emb, ckpt)
         enc2 = run_blocks(self.encoder_level2, self.down1_2(enc1), emb, ckpt)
@@ -310,7 +323,8 @@ def infer_config(sd: dict[str, Tensor], scale: int = 4) -> MCFormerConfig:
     """Infer an :class:`MCFormerConfig` from an (official or blindsr) MCFormer state dict.
 
     dim / in_channels from ``patch_embed``, block counts by counting, heads from ``attn.temperature``, the FFN
-    factor from the hidden width, bias / LayerNorm type from key presence, the variant from the kernel head.
+    factor from the hidden width, bias / LayerNorm type / modulation from key presence, the variant and the
+    kernel size / code length from the kernel head (and the PCA basis).
     ``scale`` cannot be seen in the weights (default 4, as in every official config).
     """
     try:
@@ -319,9 +333,8 @@ def infer_config(sd: dict[str, Tensor], scale: int = 4) -> MCFormerConfig:
         stages = ("encoder_level1", "encoder_level2", "encoder_level3", "latent")
         num_blocks = tuple(_block_count(sd, s) for s in stages)
         heads = tuple(int(sd[f"{s}.0.attn.temperature"].shape[0]) for s in stages)
-        head = sd.get("predictor.13.weight")
-        variant = "official" if head is not None else "paper"
-        n_k = int(sd["k_mlp.0.weight"].shape[1])
+        variant = "official" if "predictor.13.weight" in sd else "paper"
+        n_k = int(sd["predictor.13.weight" if variant == "official" else "predictor.9.weight"].shape[0])
         kernel_size = math.isqrt(n_k) if variant == "official" else math.isqrt(int(sd["pca_basis"].shape[0]))
         cfg = dict(in_channels=in_channels, out_channels=int(sd["output.weight"].shape[0]), dim=dim,
                    num_blocks=num_blocks, num_refinement_blocks=_block_count(sd, "refinement"), heads=heads,
@@ -329,7 +342,8 @@ def infer_config(sd: dict[str, Tensor], scale: int = 4) -> MCFormerConfig:
                    bias="output.bias" in sd,
                    layernorm_type="WithBias" if "encoder_level1.0.norm1.body.bias" in sd else "BiasFree",
                    scale=scale, kernel_size=kernel_size, variant=variant,
-                   pca_dim=n_k if variant == "paper" else MCFormerConfig.pca_dim)
+                   pca_dim=n_k if variant == "paper" else MCFormerConfig.pca_dim,
+                   modulation="encoder_level1.0.modulation.1.weight" in sd)
     except (KeyError, IndexError, AttributeError) as e:
         raise WeightsError(f"not an MCFormer/BlindDiff state dict (cannot infer its config: missing {e})") from None
     return MCFormerConfig(**cfg)

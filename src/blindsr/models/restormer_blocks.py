@@ -3,6 +3,7 @@
 Restormer (Zamir et al., CVPR 2022): channel LayerNorm, MDTA (multi-Dconv head transposed attention, Sec. 3.1),
 GDFN (gated-Dconv feed-forward network, Sec. 3.2). BlindDiff (Li et al., 2024, Sec. 3.3 / Fig. 3) adds a DiT-style
 shift/scale of each sub-layer's LayerNorm'd input, driven by ``Mish(t_emb + k_emb)`` (no gate).
+With ``emb_dim=None`` a block is the plain pre-norm Restormer block (the "w/o modulation" ablation).
 
 Module and attribute names follow the official code so that official state dicts load with no renaming.
 Precision: LayerNorm, the L2-normalisation of q/k, q·kᵀ and the attention softmax run in (at least) fp32,
@@ -146,24 +147,30 @@ class ModulatedBlock(nn.Module):
     ``emb`` = t_emb + k_emb, width ``emb_dim`` (the model's ``dim``) whatever the block width C.
     m = Linear(Mish(emb)) is split into shift_attn, scale_attn, shift_ffn, scale_ffn (in that order), then
     x = x + MDTA(LN1(x) (1 + scale_attn) + shift_attn);  x = x + GDFN(LN2(x) (1 + scale_ffn) + shift_ffn).
+
+    ``emb_dim=None``: no ``modulation`` Linear; the plain Restormer block x = x + MDTA(LN1(x));
+    x = x + GDFN(LN2(x)) (``emb`` is ignored).
     """
 
     def __init__(self, channels: int, num_heads: int, expansion: float, bias: bool, layernorm_type: str,
-                 emb_dim: int):
+                 emb_dim: int | None):
         super().__init__()
         self.norm1 = LayerNorm(channels, layernorm_type)
         self.attn = MDTA(channels, num_heads, bias)
         self.norm2 = LayerNorm(channels, layernorm_type)
         self.ffn = GDFN(channels, expansion, bias)
-        self.modulation = nn.Sequential(nn.Mish(), nn.Linear(emb_dim, 4 * channels))
+        self.modulation = nn.Sequential(nn.Mish(), nn.Linear(emb_dim, 4 * channels)) if emb_dim else None
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        if self.modulation is None:
+            x = x + self.attn(self.norm1(x))
+            return x + self.ffn(self.norm2(x))
         shift_attn, scale_attn, shift_ffn, scale_ffn = self.modulation(emb).chunk(4, dim=1)
         x = x + self.attn(modulate(self.norm1(x), shift_attn, scale_attn))
         return x + self.ffn(modulate(self.norm2(x), shift_ffn, scale_ffn))
 
 
-def run_blocks(blocks: nn.ModuleList, x: Tensor, emb: Tensor, use_checkpoint: bool = False) -> Tensor:
+def run_blocks(blocks: nn.ModuleList, x: Tensor, emb: Tensor | None, use_checkpoint: bool = False) -> Tensor:
     """Apply a stage of :class:`ModulatedBlock` in order (optionally with activation checkpointing)."""
     for block in blocks:
         x = checkpoint(block, x, emb, use_reentrant=False) if use_checkpoint else block(x, emb)

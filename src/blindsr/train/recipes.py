@@ -89,9 +89,36 @@ def mcformer_config(cfg: RunConfig):
     return model_cfg
 
 
+PCA_KERNELS = 30_000  # DAN/IKC creat_PCA: random kernels the paper variant's kernel PCA is fitted on
+
+
+def kernel_pca(degrade, model_cfg, n: int, seed: int):
+    """The paper variant's kernel PCA (DAN/IKC ``creat_PCA``): ``n`` random Gaussian kernels of the training
+    degradation's setting (kernel size, sigma range, rate_iso, disturbance), ``model_cfg.pca_dim`` directions.
+    Seeded from the run seed, so a resumed run refits the same basis."""
+    from blindsr.degradations.pca import fit_random_pca
+
+    c = degrade.config
+    if not all(hasattr(c, f) for f in ("kernel_size", "sig_min", "sig_max", "rate_iso", "random_disturb")):
+        raise BlindSRError(f"config: model.variant paper fits its kernel PCA on random Gaussian kernels, but "
+                           f"data.degradation {degrade.name} has no Gaussian kernel setting "
+                           "(use classic or blinddiff-setting1/2)")
+    if c.kernel_size != model_cfg.kernel_size:
+        raise BlindSRError(f"config: model.kernel_size {model_cfg.kernel_size} differs from the degradation's "
+                           f"kernel_size {c.kernel_size} (the PCA is fitted on the degradation's kernels)")
+    g = torch.Generator().manual_seed(mix_seed(seed, "kernel-pca"))
+    return fit_random_pca(n, model_cfg.pca_dim, c.kernel_size, c.sig_min, c.sig_max, c.rate_iso,
+                          c.random_disturb, generator=g)
+
+
 def blinddiff_recipe(cfg: RunConfig) -> Recipe:
     """BlindDiff (Algorithm 1): MCFormer, LR + kernel synthesised on the device each step, kernel-aware
-    sampling (Algorithm 2) with ``train.val_steps`` steps for validation."""
+    sampling (Algorithm 2) with ``train.val_steps`` steps for validation.
+
+    ``model.variant: paper`` fits the kernel PCA on ``model.pca_kernels`` (default 30,000) random kernels of the
+    training degradation and stores basis + mean as model buffers (saved in every checkpoint and in
+    ``final.safetensors``). The paper's kernel loss is L1: set ``loss.kernel_loss: l1`` (default: the official MSE).
+    """
     from blindsr.methods.blinddiff import (
         BlindDiffConfig,
         BlindDiffLossConfig,
@@ -100,10 +127,22 @@ def blinddiff_recipe(cfg: RunConfig) -> Recipe:
     )
     from blindsr.models.mcformer import MCFormer
 
-    model_cfg = mcformer_config(cfg)
+    model_d = dict(cfg.model)
+    n_pca = model_d.pop("pca_kernels", None)
+    model_cfg = mcformer_config(dataclasses.replace(cfg, model=model_d))
+    if n_pca is not None and model_cfg.variant != "paper":
+        raise BlindSRError("config: model.pca_kernels only applies to model.variant paper")
+    if not isinstance(n_pca, int | None) or isinstance(n_pca, bool):
+        raise BlindSRError(f"config: model.pca_kernels must be an integer, got {n_pca!r}")
     bd_cfg = from_dict(BlindDiffConfig, cfg.diffusion, "diffusion")
     loss_cfg = from_dict(BlindDiffLossConfig, cfg.loss, "loss")
     degrade = degrade_fn(cfg)
+    model, resolved_model = MCFormer(model_cfg), model_cfg.to_dict()
+    if model_cfg.variant == "paper":
+        n_pca = PCA_KERNELS if n_pca is None else n_pca
+        pca = kernel_pca(degrade, model_cfg, n_pca, cfg.train.seed)
+        model.set_pca(pca.matrix, pca.mean)  # mean + code @ basisᵀ = KernelPCA.decode(affine=True)
+        resolved_model["pca_kernels"] = n_pca
     train_files, val_files = split_data(cfg)
     d = cfg.data
     dataset = HRFolderDataset(train_files, d.crop, d.flip, d.rot, d.scale, d.cache, seed=cfg.train.seed)
@@ -119,11 +158,11 @@ def blinddiff_recipe(cfg: RunConfig) -> Recipe:
         return BlindDiffPipeline(model, bd_cfg)(lr, steps=cfg.train.val_steps, generator=generator).sr
 
     validate = sr_validation(sample, val_files, degrade, cfg) if val_files and cfg.train.val_every else None
-    cfg = dataclasses.replace(cfg, model=model_cfg.to_dict(), diffusion=bd_cfg.to_dict(),
+    cfg = dataclasses.replace(cfg, model=resolved_model, diffusion=bd_cfg.to_dict(),
                               loss=dataclasses.asdict(loss_cfg))
     meta = {"config": json.dumps({"model": model_cfg.to_dict(), "blinddiff": bd_cfg.to_dict()}),
             "method": "blinddiff", "degradation": d.degradation, "train_config": json.dumps(to_dict(cfg))}
-    return Recipe(MCFormer(model_cfg), loss_fn, dataset, validate, meta, cfg)
+    return Recipe(model, loss_fn, dataset, validate, meta, cfg)
 
 
 def regression_recipe(cfg: RunConfig) -> Recipe:
