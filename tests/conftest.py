@@ -11,7 +11,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("BLINDSR_SHARED", REPO.parent / "shared"))
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One intra-op thread for the whole suite: the tests use tiny tensors, where OpenMP start-up and barriers
+# cost more than the work. On a lightly loaded 2-core machine 1 thread is a little faster (sr + blinddiff
+# tests: 6.9 s vs 7.7 s); on a busy one 2 threads are pathological, every parallel region waiting for a
+# descheduled thread (whole suite: 37 s vs 6 min). Test files that pin 1 thread themselves agree with this.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
