@@ -76,6 +76,8 @@ def evaluate(args, on_set_done=None) -> dict:
                 outs["regression baseline (same backbone, L1)"] = reg(lr.to(device)).sr.cpu()
             est = {}
             for name, kw in VARIANTS.items():
+                if args.variants and not any(v in name for v in args.variants):
+                    continue
                 srs, ks = [], []
                 t0 = time.perf_counter()
                 for c in range(0, 8, args.chunk):  # chunks of the 8 kernels; results do not depend on the chunking
@@ -138,6 +140,8 @@ def main() -> None:
     ap.add_argument("--sets", nargs="+", default=["Set5", "Set14"])
     ap.add_argument("--steps", type=int, default=50, help="sampling steps (respaced)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variants", nargs="*", default=None,
+                    help="only the BlindDiff rows whose name contains one of these (e.g. 'λ=0'); default all")
     ap.add_argument("--chunk", type=int, default=4, help="kernels per batch (memory: lambda>0 backpropagates)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None, help="write the raw results here")
