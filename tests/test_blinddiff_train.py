@@ -19,14 +19,6 @@ from blindsr.train.config import RunConfig, from_dict
 from blindsr.train.recipes import blinddiff_recipe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _smooth_hr(b: int, size: int, seed: int) -> torch.Tensor:
     """Natural-ish HR crops: random 8x8 colour fields, bicubic-upsampled, in [0, 1]."""
     g = torch.Generator().manual_seed(seed)

@@ -18,14 +18,10 @@ WEIGHT_ENVS = ["BLINDSR_SD21", "BLINDSR_DIFFBIR_V2", "BLINDSR_BSRNET", "BLINDSR_
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
-    """No user config or weight variables leak in; one thread (tiny models on a busy machine)."""
+    """No user config or weight variables leak in."""
     monkeypatch.setenv("BLINDSR_CONFIG", str(tmp_path / "no-such-config.json"))
     for env in WEIGHT_ENVS:
         monkeypatch.delenv(env, raising=False)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -34,15 +34,6 @@ def load_tiny_cldm(reference_dir):
     return ref, models, controlnet
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine two OpenMP threads make these tiny models ~50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny(reference_dir):
     ref, models, controlnet = load_tiny_cldm(reference_dir)

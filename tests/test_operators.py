@@ -15,15 +15,6 @@ from blindsr.degradations.kernels import gaussian_kernel
 from blindsr.errors import BlindSRError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is ~10x faster than two on a shared, oversubscribed CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 

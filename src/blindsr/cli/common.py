@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 
@@ -44,3 +46,24 @@ def run_batch(items: Iterable[Any], fn: Callable[[Any], str | None], name: Calla
             print(f"  {n}: {msg}", file=sys.stderr)
         return 2 if len(failed) == len(items) else 3
     return 0
+
+
+def collect_inputs(inputs: list[str], recursive: bool) -> list[tuple[Path, Path | None]]:
+    """(file, folder input it came from or None), in argument order, duplicates removed.
+
+    Non-image files inside folders are reported as one stderr line per folder; a missing path raises."""
+    from blindsr.io.images import list_images
+
+    out, seen = [], set()
+    for arg in inputs:
+        with warnings.catch_warnings(record=True):  # reported below as one line
+            files, skipped = list_images([arg], recursive=recursive)
+        if skipped:
+            names = ", ".join(s.name for s in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+            print(f"blindsr: skipped {len(skipped)} non-image file(s) in {arg}: {names}", file=sys.stderr)
+        root = Path(arg) if Path(arg).is_dir() else None
+        for f in files:
+            if f.resolve() not in seen:
+                seen.add(f.resolve())
+                out.append((f, root))
+    return out

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from pathlib import Path
 
 DEFAULT_OUTPUT = "blindsr-restored"
@@ -108,28 +107,11 @@ def build_config(args: argparse.Namespace, device):
         guidance=guidance, tiling=tiling, dtype=resolve_dtype(args.dtype, device), offload=args.offload)
 
 
-def _collect(inputs: list[str], recursive: bool) -> list[tuple[Path, Path | None]]:
-    """(file, folder input it came from or None), in argument order, duplicates removed."""
-    from blindsr.io.images import list_images
-
-    out, seen = [], set()
-    for arg in inputs:
-        with warnings.catch_warnings(record=True):
-            files, skipped = list_images([arg], recursive=recursive)
-        if skipped:
-            print(f"blindsr: skipped {len(skipped)} non-image file(s) in {arg}", file=sys.stderr)
-        root = Path(arg) if Path(arg).is_dir() else None
-        for f in files:
-            if f.resolve() not in seen:
-                seen.add(f.resolve())
-                out.append((f, root))
-    return out
-
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from blindsr.cli.common import run_batch
+    from blindsr.cli.common import collect_inputs, run_batch
     from blindsr.device import make_generator, resolve_device
     from blindsr.errors import BlindSRError
     from blindsr.io.images import check_output_path, load_image, output_path_for
@@ -139,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         raise BlindSRError("--batch-size must be at least 1")
     device = resolve_device(args.device)
     config = build_config(args, device)
-    items = _collect(args.inputs, args.recursive)
+    items = collect_inputs(args.inputs, args.recursive)
     if not items:
         raise BlindSRError("no images found in " + ", ".join(args.inputs))
     paths = resolve_weights(args.version, args.task, sd=args.sd, controlnet=args.controlnet, cleaner=args.cleaner,

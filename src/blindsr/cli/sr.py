@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from pathlib import Path
 
 DEFAULT_OUTPUT = "blindsr-output"
@@ -52,29 +51,11 @@ def register(subparsers, help_: str) -> None:
     p.set_defaults(func=run)
 
 
-def _collect(inputs: list[str], recursive: bool) -> list[tuple[Path, Path | None]]:
-    """(file, folder input it came from or None), in argument order, duplicates removed."""
-    from blindsr.io.images import list_images
-
-    out, seen = [], set()
-    for arg in inputs:
-        with warnings.catch_warnings(record=True):  # reported below as one line
-            files, skipped = list_images([arg], recursive=recursive)
-        if skipped:
-            names = ", ".join(s.name for s in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
-            print(f"blindsr: skipped {len(skipped)} non-image file(s) in {arg}: {names}", file=sys.stderr)
-        root = Path(arg) if Path(arg).is_dir() else None
-        for f in files:
-            if f.resolve() not in seen:
-                seen.add(f.resolve())
-                out.append((f, root))
-    return out
-
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from blindsr.cli.common import run_batch
+    from blindsr.cli.common import collect_inputs, run_batch
     from blindsr.device import make_generator, resolve_device
     from blindsr.errors import BlindSRError
     from blindsr.io.images import check_output_path, output_path_for
@@ -84,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise BlindSRError("--batch-size must be at least 1")
     if args.steps is not None and args.steps < 1:
         raise BlindSRError("--steps must be at least 1")
-    items = _collect(args.inputs, args.recursive)
+    items = collect_inputs(args.inputs, args.recursive)
     if not items:
         raise BlindSRError("no images found in " + ", ".join(args.inputs))
     out_dir = Path(args.output)
