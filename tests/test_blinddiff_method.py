@@ -111,6 +111,24 @@ def test_pipeline_shapes_and_determinism(pipe):
     assert torch.equal(a.sr, b.sr) and not torch.equal(a.sr, c.sr)
 
 
+def test_start_from_noised_bicubic_skips_the_high_noise_steps(tiny):
+    """start < 1: x_{t0} = q_sample(bicubic↑y, t0), then only the steps t0..0 run; start = 1 is Algorithm 2."""
+    calls = []
+    hook = tiny.register_forward_hook(lambda module, args, out: calls.append(int(args[1][0])))
+    pipe10 = BlindDiffPipeline(tiny, BlindDiffConfig(sample_steps=10))
+    lr = torch.rand(1, 3, 8, 8, generator=gen(0))
+    full = pipe10(lr, lam=0, generator=gen(3))
+    n_full, calls[:] = len(calls), []
+    a = pipe10(lr, lam=0, start=0.4, generator=gen(3))
+    assert n_full == 10 and len(calls) == 5  # respaced indices 4..0 (round(0.4 * 9) = 4)
+    b = pipe10(lr, lam=0, start=0.4, generator=gen(3))
+    assert torch.equal(a.sr, b.sr) and not torch.equal(a.sr, full.sr)
+    assert torch.equal(pipe10(lr, lam=0, start=1.0, generator=gen(3)).sr, full.sr)
+    with pytest.raises(BlindSRError):
+        pipe10(lr, lam=0, start=0.0, generator=gen(3))
+    hook.remove()
+
+
 def test_batch_of_two_equals_two_single_runs(pipe):
     lr = torch.rand(2, 3, 8, 8, generator=gen(0))
     batch = pipe(lr, generator=[gen(1), gen(2)])

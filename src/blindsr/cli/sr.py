@@ -38,6 +38,9 @@ def register(subparsers, help_: str) -> None:
                    help="guidance kernel: estimated by the model, or identity ('bicubic' ablation)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"],
                    help="ddpm: ancestral with learned variance (official, default); ddim: deterministic (eta 0)")
+    p.add_argument("--start", type=float, metavar="S",
+                   help="1 (default) = from pure noise (Algorithm 2); S < 1 = from bicubic-upsampled input noised to "
+                   "S*T, running only those steps (SDEdit/StableSR-style)")
     p.add_argument("--tile", type=int, metavar="T", help="HR tile size for large images (default: whole image)")
     p.add_argument("--tile-overlap", type=int, metavar="P", help="HR overlap between tiles (default 32)")
     p.add_argument("--batch-size", type=int, default=1, metavar="B", help="images per batch (same size only)")
@@ -75,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.ckpt, device=device)
     progress = not args.quiet and sys.stderr.isatty()
     opts = dict(steps=args.steps, lam=args.lam, norm=args.norm, down=args.down, x0_reg=args.x0_reg,
-                kernel_mode=args.kernel_mode, sampler=args.sampler, tile=args.tile, tile_overlap=args.tile_overlap,
+                kernel_mode=args.kernel_mode, sampler=args.sampler, start=args.start, tile=args.tile, tile_overlap=args.tile_overlap,
                 return_trajectory=args.save_trajectory, progress=progress)
     used: dict[Path, Path] = {}
     done: dict[Path, str | BlindSRError] = {}  # results of the current batch, by input file

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-METHODS = ("blinddiff", "regression")
+METHODS = ("blinddiff", "regression", "diffbir-stage1", "diffbir-stage2")
 
 EPILOG = """examples:
   blindsr train blinddiff --config configs/blinddiff_setting1.yaml --output runs/bd1

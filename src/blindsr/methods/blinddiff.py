@@ -66,6 +66,7 @@ class BlindDiffConfig:
     kernel_mode: str = "estimated"  # "estimated" (k_t from the model) | "bicubic" (identity kernel, ablation)
     tile_overlap: int = 32  # HR pixels of overlap between tiles when tiling is on
     sampler: str = "ddpm"  # "ddpm" (ancestral, learned variance: official) | "ddim" (deterministic, eta 0)
+    start: float = 1.0  # 1 = from pure noise (Algorithm 2); s < 1: from bicubic↑y noised to s·T (SDEdit/StableSR-style)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -279,7 +280,8 @@ class BlindDiffPipeline:
     def __call__(self, lr: Tensor, *, steps: int | str | None = None, lam: float | None = None,
                  generator: Generators = None, norm: str | None = None, down: str | None = None,
                  x0_reg: float | None = None, kernel_mode: str | None = None, tile: int | None = None,
-                 tile_overlap: int | None = None, sampler: str | None = None, return_trajectory: bool = False,
+                 tile_overlap: int | None = None, sampler: str | None = None, start: float | None = None,
+                 return_trajectory: bool = False,
                  progress: bool = False) -> SRResult:
         """Super-resolve ``lr`` (B, 3, h, w) in [0, 1]; None arguments take the ``BlindDiffConfig`` defaults.
 
@@ -291,6 +293,9 @@ class BlindDiffPipeline:
         kernel_mode = kernel_mode or cfg.kernel_mode
         sampler = sampler or cfg.sampler
         _check_choice("sampler", sampler, SAMPLERS)
+        start = cfg.start if start is None else float(start)
+        if not 0.0 < start <= 1.0:
+            raise BlindSRError(f"start must be in (0, 1], got {start}")
         x0_reg = cfg.x0_reg if x0_reg is None else float(x0_reg)
         _check_choice("norm", norm, NORMS)
         _check_choice("down", down, DOWNS)
@@ -322,15 +327,22 @@ class BlindDiffPipeline:
                     x0s.append(state.x0.detach()[..., : s * h, : s * w].clamp(0, 1).cpu())
 
         x_T = randn((b, 3, lr_p.shape[-2] * s, lr_p.shape[-1] * s), generator, dev)
+        t_start = None
+        if start < 1.0:  # x_{t0} = q_sample(bicubic↑y, t0): skip the high-noise steps (not Algorithm 2)
+            from blindsr.degradations.operators import imresize
+
+            t_start = round(start * (diffusion.num_timesteps - 1))
+            up = imresize(lr_p, scale=s).clamp(0, 1)
+            x_T = diffusion.q_sample(up, torch.full((b,), t_start, device=dev, dtype=torch.long), x_T)
         was_training = self.model.training
         self.model.eval()
         try:
             if sampler == "ddim":
                 x0 = ddim_sample(fn, x_T, diffusion, generator, eta=0.0, guidance=guidance, callback=callback,
-                                 progress=progress)
+                                 progress=progress, t_start=t_start)
             else:
                 x0 = ddpm_sample(fn, x_T, diffusion, generator, var_type="auto", guidance=guidance,
-                                 callback=callback, progress=progress)
+                                 callback=callback, progress=progress, t_start=t_start)
         finally:
             self.model.train(was_training)
         return SRResult(sr=x0[..., : s * h, : s * w].clamp(0, 1), kernel=last["kernel"],

@@ -32,6 +32,7 @@ class Recipe:
     validate_fn: ValidateFn | None = None
     export_metadata: dict[str, str] = field(default_factory=dict)  # metadata of final.safetensors
     config: RunConfig | None = None  # the run config with its model/diffusion/loss sections fully resolved
+    export_keys: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None  # final's key layout
 
 
 def degrade_fn(cfg: RunConfig):
@@ -194,7 +195,31 @@ def regression_recipe(cfg: RunConfig) -> Recipe:
     return Recipe(MCFormer(model_cfg), loss_fn, dataset, validate, meta, cfg)
 
 
-RECIPES: dict[str, Callable[[RunConfig], Recipe]] = {"blinddiff": blinddiff_recipe, "regression": regression_recipe}
+def _diffbir_stage1(cfg: RunConfig) -> Recipe:
+    from blindsr.train.diffbir_recipes import diffbir_stage1_recipe
+
+    return diffbir_stage1_recipe(cfg)
+
+
+def _diffbir_stage2(cfg: RunConfig) -> Recipe:
+    from blindsr.train.diffbir_recipes import diffbir_stage2_recipe
+
+    return diffbir_stage2_recipe(cfg)
+
+
+RECIPES: dict[str, Callable[[RunConfig], Recipe]] = {"blinddiff": blinddiff_recipe, "regression": regression_recipe,
+                                                     "diffbir-stage1": _diffbir_stage1,
+                                                     "diffbir-stage2": _diffbir_stage2}
+
+
+def rewrite_export(path: Path, convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> None:
+    """Rename the keys of ``final.safetensors`` in place (e.g. to an official layout), keeping its metadata."""
+    from safetensors.torch import load_file
+
+    from blindsr.io.weights import load_safetensors_metadata
+    from blindsr.train.checkpoint import save_weights
+
+    save_weights(convert(load_file(str(path))), path, metadata=load_safetensors_metadata(path))
 
 
 def git_commit(path: Path | None = None) -> str | None:
@@ -237,7 +262,11 @@ def run_training(cfg: RunConfig, *, device: str = "auto", resume: str | None = N
         path = run_dir / "meta.json"  # one entry per start (fresh or resumed)
         runs = json.loads(path.read_text()).get("runs", []) if path.is_file() else []
         path.write_text(json.dumps({"runs": [*runs, meta]}, indent=2) + "\n")
-    return trainer.fit(resume)
+    result = trainer.fit(resume)
+    if recipe.export_keys is not None and result.final is not None and trainer.is_main:
+        rewrite_export(result.final, recipe.export_keys)
+    trainer.accelerator.wait_for_everyone()
+    return result
 
 
 __all__ = ["RECIPES", "Recipe", "blinddiff_recipe", "regression_recipe", "run_training", "git_commit"]
