@@ -78,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.ckpt, device=device)
     progress = not args.quiet and sys.stderr.isatty()
     opts = dict(steps=args.steps, lam=args.lam, norm=args.norm, down=args.down, x0_reg=args.x0_reg,
-                kernel_mode=args.kernel_mode, sampler=args.sampler, start=args.start, tile=args.tile, tile_overlap=args.tile_overlap,
-                return_trajectory=args.save_trajectory, progress=progress)
+                kernel_mode=args.kernel_mode, sampler=args.sampler, start=args.start, tile=args.tile,
+                tile_overlap=args.tile_overlap, return_trajectory=args.save_trajectory, progress=progress)
     used: dict[Path, Path] = {}
     done: dict[Path, str | BlindSRError] = {}  # results of the current batch, by input file
 
