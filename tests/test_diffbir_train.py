@@ -22,15 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 STAGE1, STAGE2 = str(REPO / "configs" / "diffbir_stage1_tiny.yaml"), str(REPO / "configs" / "diffbir_stage2_tiny.yaml")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU: one thread avoids oversubscription (100x slower with 2 busy threads)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture()
 def hr_folder(tmp_path) -> Path:
     root = tmp_path / "hr"

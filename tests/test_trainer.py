@@ -178,3 +178,17 @@ def test_validate_fn_runs_on_ema(dataset, tmp_path):
 def test_plot_losses_handles_zero_and_single_row(tmp_path):
     (tmp_path / "log.csv").write_text("step,loss,lr\n1,0.0,0.1\n")
     assert plot_losses(tmp_path / "log.csv", tmp_path / "p.png").is_file()
+
+
+def test_adamw_decouples_weight_decay_and_bad_names_are_user_errors(dataset, tmp_path):
+    def build(name, run_dir):
+        optim = OptimConfig(name=name, lr=1e-2, weight_decay=0.1, milestones=[])
+        return Trainer(Denoiser(), denoise_loss, dataset, run_dir, train=TrainConfig(max_steps=1, ckpt_every=0,
+                       val_every=0), optim=optim, batch_size=2, device="cpu", progress=False)
+
+    t = build("adamw", tmp_path / "w")
+    t.fit()  # the optimiser is built when training starts
+    opt = getattr(t.optimizer, "optimizer", t.optimizer)  # accelerate wraps it
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["weight_decay"] == 0.1
+    with pytest.raises(BlindSRError, match="optim.name"):
+        build("sgd", tmp_path / "s").fit()

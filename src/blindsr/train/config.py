@@ -38,6 +38,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adam"                         # adam (BasicSR/BlindDiff) | adamw (decoupled decay: DiffBIR, SD)
     lr: float = 5e-5                           # Adam, official default (FFHQ and the March yml: 2e-4)
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0

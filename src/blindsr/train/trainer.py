@@ -146,8 +146,11 @@ class Trainer:
                 print(f"blindsr: warning: resuming a {state['world']}-process run on {acc.num_processes} "
                       "processes: the data order will differ from an uninterrupted run", file=sys.stderr)
         o = self.optim_cfg
-        optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=o.lr,
-                                     betas=tuple(o.betas), weight_decay=o.weight_decay)
+        optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+        if o.name not in optimizers:
+            raise BlindSRError(f"config: optim.name {o.name!r}: choose adam or adamw")
+        optimizer = optimizers[o.name]([p for p in self.model.parameters() if p.requires_grad], lr=o.lr,
+                                       betas=tuple(o.betas), weight_decay=o.weight_decay)
         self.model, self.optimizer = acc.prepare(self.model, optimizer)
         self.ema.model.to(acc.device)
         if state:
