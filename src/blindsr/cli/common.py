@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -67,3 +68,50 @@ def collect_inputs(inputs: list[str], recursive: bool) -> list[tuple[Path, Path 
                 seen.add(f.resolve())
                 out.append((f, root))
     return out
+
+
+def run_grouped(files: list[Path], batch_size: int, load: Callable[[Path], Any],
+                infer: Callable[[list[Any]], Any], write: Callable[[Path, Any, Any, int, float], str | None],
+                quiet: bool = False) -> int:
+    """The image commands' loop: take ``batch_size`` files at a time, ``load`` each (a LoadedImage), run
+    ``infer`` once per group of same-size images, ``write`` each result (file, image, result, index in
+    the group, seconds per image). A user error fails only its file (or group) and the run keeps going;
+    returns ``run_batch``'s exit code."""
+    from blindsr.errors import BlindSRError
+
+    done: dict[Path, str | None | BlindSRError] = {}  # results of the current batch, by input file
+
+    def process(batch: list[Path]) -> None:
+        groups: dict[tuple[int, int], list] = {}
+        for f in batch:
+            try:
+                img = load(f)
+                groups.setdefault((img.height, img.width), []).append((f, img))
+            except BlindSRError as e:
+                done[f] = e
+        for group in groups.values():
+            t0 = time.perf_counter()
+            try:
+                res = infer([img for _, img in group])
+            except BlindSRError as e:
+                done.update({f: e for f, _ in group})
+                continue
+            dt = (time.perf_counter() - t0) / len(group)
+            for i, (f, img) in enumerate(group):
+                try:
+                    done[f] = write(f, img, res, i, dt)
+                except BlindSRError as e:
+                    done[f] = e
+
+    position = {f: i for i, f in enumerate(files)}
+
+    def one(f: Path) -> str | None:
+        if f not in done:  # first image of a new batch: run the whole batch
+            i = position[f]
+            process(files[i:i + batch_size])
+        result = done.pop(f)
+        if isinstance(result, BlindSRError):
+            raise result
+        return result
+
+    return run_batch(files, one, name=str, quiet=quiet)

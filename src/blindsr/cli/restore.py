@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 DEFAULT_OUTPUT = "blindsr-restored"
@@ -111,7 +110,7 @@ def build_config(args: argparse.Namespace, device):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from blindsr.cli.common import collect_inputs, run_batch
+    from blindsr.cli.common import collect_inputs, run_grouped
     from blindsr.device import make_generator, resolve_device
     from blindsr.errors import BlindSRError
     from blindsr.io.images import check_output_path, load_image, output_path_for
@@ -132,45 +131,16 @@ def run(args: argparse.Namespace) -> int:
         check_output_path(targets[f], overwrite=args.overwrite, inputs=inputs)
     pipe = DiffBIRPipeline.from_paths(config, paths, device)
     progress = not args.quiet and sys.stderr.isatty()
-    done: dict[Path, str | BlindSRError] = {}
 
-    def process(batch: list[Path]) -> None:
-        groups: dict[tuple[int, int], list] = {}
-        for f in batch:
-            try:
-                img = load_image(f)
-                groups.setdefault((img.height, img.width), []).append((f, img))
-            except BlindSRError as e:
-                done[f] = e
-        for group in groups.values():
-            t0 = time.perf_counter()
-            lq = torch.stack([img.rgb for _, img in group])
-            gens = [make_generator(args.seed, "cpu") for _ in group]
-            try:
-                res = pipe(lq, gens, stage1_only=args.stage1_only, progress=progress)
-            except BlindSRError as e:
-                done.update({f: e for f, _ in group})
-                continue
-            dt = (time.perf_counter() - t0) / len(group)
-            for i, (f, img) in enumerate(group):
-                try:
-                    done[f] = _write(f, img, res, i, targets[f], dt, args, inputs)
-                except BlindSRError as e:
-                    done[f] = e
+    def infer(imgs: list):
+        lq = torch.stack([img.rgb for img in imgs])
+        return pipe(lq, [make_generator(args.seed, "cpu") for _ in imgs], stage1_only=args.stage1_only,
+                    progress=progress)
 
-    order = [f for f, _ in items]
-    position = {f: i for i, f in enumerate(order)}
+    def write(f: Path, img, res, i: int, dt: float) -> str:
+        return _write(f, img, res, i, targets[f], dt, args, inputs)
 
-    def one(f: Path) -> str | None:
-        if f not in done:
-            i = position[f]
-            process(order[i:i + args.batch_size])
-        result = done.pop(f)
-        if isinstance(result, BlindSRError):
-            raise result
-        return result
-
-    return run_batch(order, one, name=str, quiet=args.quiet)
+    return run_grouped(inputs, args.batch_size, load_image, infer, write, quiet=args.quiet)
 
 
 def _write(f: Path, img, res, i: int, target: Path, dt: float, args, inputs) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 DEFAULT_OUTPUT = "blindsr-output"
@@ -58,7 +57,7 @@ def register(subparsers, help_: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from blindsr.cli.common import collect_inputs, run_batch
+    from blindsr.cli.common import collect_inputs, run_grouped
     from blindsr.device import make_generator, resolve_device
     from blindsr.errors import BlindSRError
     from blindsr.io.images import check_output_path, output_path_for
@@ -80,8 +79,7 @@ def run(args: argparse.Namespace) -> int:
     opts = dict(steps=args.steps, lam=args.lam, norm=args.norm, down=args.down, x0_reg=args.x0_reg,
                 kernel_mode=args.kernel_mode, sampler=args.sampler, start=args.start, tile=args.tile,
                 tile_overlap=args.tile_overlap, return_trajectory=args.save_trajectory, progress=progress)
-    used: dict[Path, Path] = {}
-    done: dict[Path, str | BlindSRError] = {}  # results of the current batch, by input file
+    used: dict[Path, Path] = {}  # resolved output -> the input writing it
 
     def prepare(f: Path):
         from blindsr.io.images import load_image
@@ -93,45 +91,14 @@ def run(args: argparse.Namespace) -> int:
         check_output_path(target, overwrite=args.overwrite, inputs=inputs)
         return load_image(f)
 
-    def process_batch(batch: list[Path]) -> None:
-        loaded = []
-        for f in batch:
-            try:
-                loaded.append((f, prepare(f)))
-            except BlindSRError as e:
-                done[f] = e
-        groups: dict[tuple[int, int], list] = {}
-        for f, img in loaded:
-            groups.setdefault((img.height, img.width), []).append((f, img))
-        for group in groups.values():
-            t0 = time.perf_counter()
-            lr = torch.stack([img.rgb for _, img in group]).to(device)
-            gens = [make_generator(args.seed, "cpu") for _ in group]
-            try:
-                res = pipe(lr, generator=gens, **opts)
-            except BlindSRError as e:
-                done.update({f: e for f, _ in group})
-                continue
-            dt = (time.perf_counter() - t0) / len(group)
-            for i, (f, img) in enumerate(group):
-                try:
-                    done[f] = _write(f, img, res, i, targets[f], pipe.scale, dt, args, inputs)
-                except BlindSRError as e:
-                    done[f] = e
+    def infer(imgs: list):
+        lr = torch.stack([img.rgb for img in imgs]).to(device)
+        return pipe(lr, generator=[make_generator(args.seed, "cpu") for _ in imgs], **opts)
 
-    order = [f for f, _ in items]
-    position = {f: i for i, f in enumerate(order)}
+    def write(f: Path, img, res, i: int, dt: float) -> str:
+        return _write(f, img, res, i, targets[f], pipe.scale, dt, args, inputs)
 
-    def one(f: Path) -> str | None:
-        if f not in done:  # first image of a new batch: run the whole batch
-            i = position[f]
-            process_batch(order[i:i + args.batch_size])
-        result = done.pop(f)
-        if isinstance(result, BlindSRError):
-            raise result
-        return result
-
-    return run_batch(order, one, name=str, quiet=args.quiet)
+    return run_grouped(inputs, args.batch_size, prepare, infer, write, quiet=args.quiet)
 
 
 def _write(f: Path, img, res, i: int, target: Path, scale: int, dt: float, args, inputs) -> str:

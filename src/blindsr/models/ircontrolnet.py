@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from blindsr.errors import WeightsError
-from blindsr.models.sd import _KIND_RENAMES, convert_by_rows, load_config, load_converted, unet_block_rows
+from blindsr.models.sd import convert_by_rows, load_config, load_converted, unet_block_rows
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
@@ -190,24 +190,8 @@ def convert_official_controlnet(sd: Mapping[str, torch.Tensor], config: IRContro
 def controlnet_to_official(sd: Mapping[str, torch.Tensor], config: IRControlNetConfig) -> dict[str, torch.Tensor]:
     """Ours -> official ControlNet keys (bare, as ``train_stage2.py`` saves them): the inverse of
     :func:`convert_official_controlnet` (strict: an unknown key is a ``WeightsError``)."""
-    table = sorted(((ours, official, kind) for official, ours, kind in controlnet_block_rows(config)),
-                   key=lambda r: -len(r[0]))
-    out, unknown = {}, []
-    for key, value in sd.items():
-        row = next((r for r in table if key.startswith(r[0])), None)
-        if row is None:
-            unknown.append(key)
-            continue
-        ours, official, kind = row
-        rest = key[len(ours):]
-        for ldm_name, our_name in _KIND_RENAMES[kind].items():
-            if rest.startswith(our_name):
-                rest = ldm_name + rest[len(our_name):]
-                break
-        out[official + rest] = value
-    if unknown:
-        raise WeightsError(f"IRControlNet: {len(unknown)} key(s) with no official name, e.g. {unknown[:3]}")
-    return out
+    return convert_by_rows(sd, controlnet_block_rows(config), "IRControlNet (keys with no official name)",
+                           reverse=True)
 
 
 def load_official_controlnet(source: str | Path | Mapping[str, torch.Tensor], config: IRControlNetConfig | None = None,

@@ -212,8 +212,12 @@ def vae_block_rows(cfg: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
-def convert_by_rows(sd: Mapping[str, torch.Tensor], rows: list[tuple[str, str, str]], what: str) -> dict[str, torch.Tensor]:
-    """Rename every key through the longest matching row; an unmatched key is an error (strict)."""
+def convert_by_rows(sd: Mapping[str, torch.Tensor], rows: list[tuple[str, str, str]], what: str,
+                    reverse: bool = False) -> dict[str, torch.Tensor]:
+    """Rename every key through the longest matching (src, dst, kind) row; an unmatched key is an error
+    (strict). ``reverse``: map dst -> src (ours back to the LDM layout, e.g. to save official checkpoints)."""
+    if reverse:
+        rows = [(dst, src, kind) for src, dst, kind in rows]
     table = sorted(rows, key=lambda r: -len(r[0]))
     out, unknown = {}, []
     for key, value in sd.items():
@@ -224,10 +228,12 @@ def convert_by_rows(sd: Mapping[str, torch.Tensor], rows: list[tuple[str, str, s
         src, dst, kind = row
         rest = key[len(src):]
         for a, b in _KIND_RENAMES[kind].items():
+            if reverse:
+                a, b = b, a
             if rest.startswith(a):
                 rest = b + rest[len(a):]
                 break
-        if kind == "vae_attn" and value.ndim == 4:  # 1x1 conv -> linear
+        if kind == "vae_attn" and value.ndim == 4 and not reverse:  # 1x1 conv -> linear
             value = value[:, :, 0, 0]
         out[dst + rest] = value
     if unknown:
