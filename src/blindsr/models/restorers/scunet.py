@@ -15,6 +15,7 @@ from torch import nn
 
 from blindsr.models.restorers.swinir import (
     LayerNorm32,
+    init_swin_weights,
     relative_position_index,
     shifted_window_mask,
     window_partition,
@@ -151,7 +152,7 @@ class SCUNet(nn.Module):
         self.m_up2 = nn.Sequential(up(4 * d), *stage(2 * d, n[5], 1))
         self.m_up1 = nn.Sequential(up(2 * d), *stage(d, n[6], 0))
         self.m_tail = nn.Sequential(nn.Conv2d(d, cfg.in_nc, 3, 1, 1, bias=False))
-        self.apply(_init_weights)
+        self.apply(init_swin_weights)
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         h, w = x0.shape[-2:]
@@ -168,15 +169,6 @@ class SCUNet(nn.Module):
         x = self.m_tail(x + x1)
         return x[..., :h, :w]
 
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 def config_from_state_dict(sd: dict[str, torch.Tensor]) -> SCUNetConfig:

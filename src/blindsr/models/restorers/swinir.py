@@ -285,7 +285,7 @@ class SwinIR(nn.Module):
         self.conv_hr = nn.Conv2d(cfg.num_feat, cfg.num_feat, 3, 1, 1)
         self.conv_last = nn.Conv2d(cfg.num_feat, cfg.in_chans, 3, 1, 1)
         self.lrelu = nn.LeakyReLU(0.2, inplace=True)
-        self.apply(_init_weights)
+        self.apply(init_swin_weights)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         size = (x.shape[2], x.shape[3])
@@ -314,7 +314,7 @@ class SwinIR(nn.Module):
         return x[..., : round(h * cfg.scale), : round(w * cfg.scale)]
 
 
-def _init_weights(m: nn.Module) -> None:
+def init_swin_weights(m: nn.Module) -> None:
     """SwinIR's init: trunc-normal(0.02) linears with zero bias, unit LayerNorms."""
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
