@@ -145,16 +145,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _write(f: Path, img, res, i: int, target: Path, dt: float, args, inputs) -> str:
     """Write the restored image (grayscale / alpha as the input) and optionally the stage-1 image."""
-    from blindsr.degradations.operators import imresize
+    from blindsr.cli.common import write_like_input
     from blindsr.io.images import write_image
 
     out = res.image[i].float().cpu()
-    if img.is_gray:
-        out = (0.299 * out[0] + 0.587 * out[1] + 0.114 * out[2])[None]
-    alpha = None
-    if img.alpha is not None:
-        alpha = imresize(img.alpha[None].float(), size=tuple(out.shape[-2:]))[0].clamp(0, 1)
-    write_image(target, out, bit_depth=img.bit_depth, overwrite=args.overwrite, inputs=inputs, alpha=alpha)
+    write_like_input(target, out, img, overwrite=args.overwrite, inputs=inputs)
     if args.save_stage1:
         stem = target.with_suffix("")
         write_image(f"{stem}_stage1.png", res.stage1[i].float().clamp(0, 1).cpu(), overwrite=args.overwrite,

@@ -103,16 +103,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _write(f: Path, img, res, i: int, target: Path, scale: int, dt: float, args, inputs) -> str:
     """Write the SR image (gray / alpha as the input) and the optional kernel / trajectory files."""
-    from blindsr.degradations.operators import imresize
-    from blindsr.io.images import write_image
+    from blindsr.cli.common import write_like_input
 
-    sr = res.sr[i].float().cpu()
-    if img.is_gray:
-        sr = (0.299 * sr[0] + 0.587 * sr[1] + 0.114 * sr[2])[None]
-    alpha = None
-    if img.alpha is not None:
-        alpha = imresize(img.alpha[None].float(), size=tuple(sr.shape[-2:]))[0].clamp(0, 1)
-    write_image(target, sr, bit_depth=img.bit_depth, overwrite=args.overwrite, inputs=inputs, alpha=alpha)
+    write_like_input(target, res.sr[i].float().cpu(), img, overwrite=args.overwrite, inputs=inputs)
     extra = []
     stem = target.with_suffix("")
     if args.save_kernel:

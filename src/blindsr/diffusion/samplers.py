@@ -118,6 +118,15 @@ def _apply_gradient(x_prev: Tensor, state: StepState, res: GuidanceResult | None
     return x_prev - _bcast(res.scale, x_prev) * grad
 
 
+def _end_step(x_prev: Tensor, state: StepState, callback: Callback | None) -> Tensor:
+    """Detach x_{t-1} (ends the step's graph) and show the finished step to the callback."""
+    x = x_prev.detach()
+    if callback is not None:
+        state.x_prev = x
+        callback(state)
+    return x
+
+
 def _needs_grad(guidance: Guidance | None) -> bool:
     return guidance is not None and bool(getattr(guidance, "needs_grad", True))
 
@@ -142,10 +151,7 @@ def ddpm_sample(model_fn: ModelFn, x_T: Tensor, diffusion: GaussianDiffusion, ge
             if idx > 0:  # no noise on the last step
                 x_prev = mean + torch.exp(0.5 * logvar) * randn(x.shape, generator, x.device, x.dtype)
             x_prev = _apply_gradient(x_prev, state, res)
-        x = x_prev.detach()
-        if callback is not None:
-            state.x_prev = x
-            callback(state)
+        x = _end_step(x_prev, state, callback)
     return x
 
 
@@ -166,8 +172,5 @@ def ddim_sample(model_fn: ModelFn, x_T: Tensor, diffusion: GaussianDiffusion, ge
             if eta > 0 and idx > 0:
                 x_prev = x_prev + sigma * randn(x.shape, generator, x.device, x.dtype)
             x_prev = _apply_gradient(x_prev, state, res)
-        x = x_prev.detach()
-        if callback is not None:
-            state.x_prev = x
-            callback(state)
+        x = _end_step(x_prev, state, callback)
     return x
