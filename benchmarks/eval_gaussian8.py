@@ -111,6 +111,23 @@ def summary(acc, timing, device, args) -> dict:
             "seconds_per_image_8_kernels": {k: mean(v) for k, v in timing.items()}}
 
 
+def merge(results: list[dict]) -> dict:
+    """Combine result dicts of parallel runs (same steps/seed); a row computed twice must give the same numbers."""
+    out = dict(results[0], per_set={}, seconds_per_image_8_kernels={}, total_seconds=0.0)
+    for r in results:
+        if (r["steps"], r["seed"], r["sigmas"]) != (out["steps"], out["seed"], out["sigmas"]):
+            raise SystemExit("merge: the files differ in steps, seed or kernels")
+        for method, d in r["per_set"].items():
+            row = out["per_set"].setdefault(method, {})
+            for key, vals in d.items():
+                if key in row and max(abs(a - b) for a, b in zip(row[key], vals, strict=True)) > 1e-3:
+                    raise SystemExit(f"merge: {method} {key} differs between files")
+                row[key] = vals
+        out["seconds_per_image_8_kernels"].update(r.get("seconds_per_image_8_kernels", {}))
+        out["total_seconds"] = max(out["total_seconds"], r.get("total_seconds", 0.0))
+    return out
+
+
 def to_markdown(r: dict, sets: list[str]) -> str:
     sig = " | ".join(f"σ={s:.1f}" for s in r["sigmas"])
     lines = []
@@ -146,7 +163,19 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None, help="write the raw results here")
     ap.add_argument("--md", default=None, help="write the Markdown tables here")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="only combine these result files (e.g. one per set or variant, run in parallel) into "
+                         "--json/--md; rows present in several files must agree")
     args = ap.parse_args()
+    if args.merge:
+        r = merge([json.loads(Path(p).read_text()) for p in args.merge])
+        if args.json:
+            write_bytes_atomic(args.json, (json.dumps(r, indent=1) + "\n").encode())
+        md = to_markdown(r, [s for s in args.sets if any(f"{s}:psnr" in d for d in r["per_set"].values())])
+        if args.md:
+            write_bytes_atomic(args.md, (md + "\n").encode())
+        print(md)
+        return
     if args.reg_ckpt and not Path(args.reg_ckpt).is_file():
         print(f"note: no regression baseline at {args.reg_ckpt}; skipping that row", file=sys.stderr)
         args.reg_ckpt = None
