@@ -2,7 +2,7 @@
 
 1. x0 by noise level: PSNR of the one-step x0_hat = (x_t - sqrt(1-abar) eps_hat) / sqrt(abar) with
    x_t = q_sample(HR, t), per (respaced-500) timestep — how well the denoiser works at each noise level.
-2. full sampling: PSNR of sampler variants (``SAMPLER:LAMBDA:STEPS:START``), against bicubic and, if given,
+2. full sampling: PSNR of sampler variants (``SAMPLER:LAMBDA:STEPS:START[:NORM]``, NORM l2 or l2sq), against bicubic and, if given,
    the regression baseline, on 128x128 centre crops degraded with the 8 Gaussian8 kernels.
 
     python benchmarks/diagnose_blinddiff.py --images 2 --variants ddpm:0:20:1 ddim:0:20:0.4
@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--reg-ckpt", default=str(REPO / "benchmarks/weights/regression_s.safetensors"))
     ap.add_argument("--config", default=str(REPO / "configs/blinddiff_s.yaml"), help="defines the hold-out split")
     ap.add_argument("--images", type=int, default=2, help="held-out images to use")
-    ap.add_argument("--variants", nargs="*", default=["ddpm:0:20:1"], help="SAMPLER:LAMBDA:STEPS:START")
+    ap.add_argument("--variants", nargs="*", default=["ddpm:0:20:1"], help="SAMPLER:LAMBDA:STEPS:START[:NORM]")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -72,10 +72,11 @@ def main() -> None:
                 out, _ = pipe.model(x_t, train.original_t(t), d.lr)
             rows.setdefault(f"one-step x0 at t={i}/500", []).append(mean_psnr(train.x0_from_eps(x_t, t, out[:, :3]), d.hr))
         for v in args.variants:  # 2. full sampling
-            sampler, lam, steps, start = v.split(":")
+            sampler, lam, steps, start, norm = (v.split(":") + ["l2"])[:5]
             gens = [torch.Generator().manual_seed(j) for j in range(len(d.hr))]
-            sr = pipe(d.lr, steps=int(steps), lam=float(lam), sampler=sampler, start=float(start), generator=gens).sr
-            rows.setdefault(f"{sampler}, λ={lam}, {steps} steps, start={start}", []).append(mean_psnr(sr, d.hr))
+            sr = pipe(d.lr, steps=int(steps), lam=float(lam), sampler=sampler, start=float(start), norm=norm,
+                      generator=gens).sr
+            rows.setdefault(f"{sampler}, λ={lam} {norm}, {steps} steps, start={start}", []).append(mean_psnr(sr, d.hr))
         print(f"{f.name}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()), flush=True)
     print(f"\nmean PSNR (Y, border 4) over {len(rows['bicubic'])} held-out 128x128 crops x 8 Gaussian8 kernels")
     for k, v in rows.items():

@@ -217,6 +217,8 @@ def test_options_trajectory_and_errors(pipe):
         pipe(lr, norm="l1")
     with pytest.raises(BlindSRError, match="expects LR images"):
         pipe(torch.rand(3, 8, 8))
+    with pytest.raises(BlindSRError, match="diverged"):  # a huge squared-norm step: an error, not NaN pixels
+        pipe(lr, generator=gen(0), lam=1e30, norm="l2sq")
 
 
 def test_tiled_sampling(pipe):
@@ -267,3 +269,54 @@ def test_load_pipeline_errors(tmp_path, monkeypatch):
     torch.save({}, tmp_path / "bad.pth")
     with pytest.raises(WeightsError, match="invalid JSON"):
         load_pipeline(tmp_path / "bad.pth")
+
+
+# ------------------------------------------------------------------------------------ prediction parameterisation
+class _Oracle(torch.nn.Module):
+    """Returns the exact target of its parameterisation for a known (x0, noise), plus a fixed kernel output."""
+
+    def __init__(self, base, prediction: str, x0: torch.Tensor, noise: torch.Tensor):
+        super().__init__()
+        self.base, self.prediction, self.x0, self.noise = base, prediction, x0, noise
+        self.w = torch.nn.Parameter(torch.zeros(()))  # pipelines look up the parameters' dtype / device
+        self.config = types.SimpleNamespace(scale=4)
+
+    def forward(self, x_t, t, cond):
+        abar = self.base.abar(t, x_t).float()
+        target = {"eps": self.noise, "x0": self.x0,
+                  "v": abar.sqrt() * self.noise - (1 - abar).sqrt() * self.x0}[self.prediction]
+        return torch.cat([target, torch.zeros_like(target)], 1) + self.w, torch.zeros(x_t.shape[0], 441)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_prediction_targets_and_sampler_contract(prediction):
+    cfg = BlindDiffConfig(prediction=prediction)
+    train, base = cfg.train_diffusion(), cfg.sample_diffusion(1000)
+    hr, lr, _ = _batch()
+    g = gen(3)
+    t = torch.randint(0, train.num_timesteps, (2,), generator=g)
+    noise = torch.randn(hr.shape, generator=g)
+    x_t = train.q_sample(hr, t, noise)
+    oracle = _Oracle(base, prediction, hr, noise)
+    # the loss regresses this parameterisation's target: zero for the oracle (t is redrawn from the same seed)
+    terms = training_losses(oracle, train, hr, lr, None, generator=gen(3), prediction=prediction,
+                            cfg=BlindDiffLossConfig(kernel_weight=0, learn_sigma=False))
+    assert terms["mse"].item() < 1e-9
+    # the pipeline hands the samplers eps, whatever the network predicts: x0 from that eps is the oracle's x0
+    pipe = BlindDiffPipeline(oracle, cfg)
+    eps = pipe.model_fn(lr)(x_t, train.original_t(t)).eps
+    torch.testing.assert_close(eps, noise, atol=2e-4, rtol=0)
+    torch.testing.assert_close(train.x0_from_eps(x_t, t, eps), hr, atol=2e-3, rtol=0)
+
+
+def test_prediction_x0_wrong_target_is_penalised_and_bad_names_fail():
+    hr, lr, _ = _batch()
+    cfg = BlindDiffConfig(prediction="x0")
+    oracle = _Oracle(cfg.sample_diffusion(1000), "eps", hr, torch.zeros_like(hr))  # predicts 0 where x0 = hr
+    terms = training_losses(oracle, cfg.train_diffusion(), hr, lr, None, generator=gen(0), prediction="x0",
+                            cfg=BlindDiffLossConfig(kernel_weight=0, learn_sigma=False))
+    torch.testing.assert_close(terms["mse"], (hr**2).mean())
+    with pytest.raises(BlindSRError, match="prediction"):
+        BlindDiffConfig(prediction="score")
+    with pytest.raises(BlindSRError, match="prediction"):
+        training_losses(oracle, cfg.train_diffusion(), hr, lr, None, prediction="score")

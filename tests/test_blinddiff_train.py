@@ -159,3 +159,35 @@ def test_modulation_off_passes_through_the_config(hr_folder, tmp_path):
     recipe = blinddiff_recipe(_run_config(hr_folder, tmp_path, modulation=False))
     assert recipe.model.config.modulation is False and recipe.config.model["modulation"] is False
     assert json.loads(recipe.export_metadata["config"])["model"]["modulation"] is False
+
+
+def test_init_from_starts_training_from_given_weights(hr_folder, tmp_path):
+    from safetensors.torch import save_file
+
+    from blindsr.errors import WeightsError
+    from blindsr.io.weights import load_state_dict
+    from blindsr.train.recipes import run_training
+
+    torch.manual_seed(123)  # not the run's seed: different from what the recipe would initialise
+    init = MCFormer(MCFormerConfig.tiny()).state_dict()
+    save_file({k: v.contiguous() for k, v in init.items()}, str(tmp_path / "init.safetensors"))
+    cfg = _run_config(hr_folder, tmp_path)
+    cfg.optim.lr = 0.0  # nothing moves: the exported (EMA) weights must be the init weights
+    cfg.train.init_from = str(tmp_path / "init.safetensors")
+    res = run_training(cfg, device="cpu", progress=False)
+    final = load_state_dict(res.final)
+    assert all(torch.equal(final[k], v) for k, v in init.items())
+    cfg.train.init_from = str(tmp_path / "missing.safetensors")
+    cfg.output = str(tmp_path / "run2")
+    with pytest.raises(WeightsError):
+        run_training(cfg, device="cpu", progress=False)
+
+
+def test_x0_prediction_passes_through_the_recipe(hr_folder, tmp_path):
+    cfg = _run_config(hr_folder, tmp_path)
+    cfg.diffusion = {"prediction": "x0"}
+    recipe = blinddiff_recipe(cfg)
+    assert json.loads(recipe.export_metadata["config"])["blinddiff"]["prediction"] == "x0"
+    hr = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    terms = recipe.loss_fn(recipe.model, hr, torch.Generator().manual_seed(0))
+    assert torch.isfinite(terms["loss"]) and set(terms) == {"mse", "vb", "kernel", "loss"}

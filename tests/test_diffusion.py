@@ -11,7 +11,7 @@ from blindsr.diffusion import gaussian, schedules
 from blindsr.diffusion.gaussian import GaussianDiffusion, hybrid_loss
 from blindsr.diffusion.respace import make_diffusion, respaced, space_timesteps
 from blindsr.diffusion.samplers import GuidanceResult, ModelOutput, ddim_sample, ddpm_sample, randn
-from blindsr.diffusion.tiling import tile_boxes, tiled
+from blindsr.diffusion.tiling import pad_to_multiple, tile_boxes, tiled
 from blindsr.errors import BlindSRError
 
 
@@ -299,6 +299,19 @@ def test_no_grad_when_guidance_does_not_need_it(toy):
 
 
 # ------------------------------------------------------------------------------------------------ tiling
+def test_pad_to_multiple_modes():
+    x = torch.arange(2 * 5 * 6, dtype=torch.float32).reshape(1, 2, 5, 6)
+    assert pad_to_multiple(x, 1) is x  # already a multiple: untouched
+    r = pad_to_multiple(x, 4)  # 5x6 -> 8x8, reflection at the bottom / right only
+    assert r.shape == (1, 2, 8, 8) and torch.equal(r[..., :5, :6], x)
+    assert torch.equal(r[..., 5, :6], x[..., 3, :]) and torch.equal(r[..., :5, 6], x[..., :, 4])
+    z = pad_to_multiple(x, 4, mode="zeros")
+    assert torch.equal(z[..., :5, :6], x) and z[..., 5:, :].abs().sum() == 0 and z[..., :, 6:].abs().sum() == 0
+    tiny = torch.rand(1, 3, 2, 2)  # too small to reflect 6 rows: replicate
+    rp = pad_to_multiple(tiny, 8)
+    assert rp.shape == (1, 3, 8, 8) and torch.equal(rp[..., 7, 7], tiny[..., 1, 1])
+
+
 def test_tile_boxes_cover_and_align():
     boxes = tile_boxes(72, 40, tile=32, overlap=8, align=8)
     cover = torch.zeros(72, 40)

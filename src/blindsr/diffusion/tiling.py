@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
 
@@ -32,6 +33,21 @@ class Box:
     @property
     def slices(self) -> tuple[slice, slice]:
         return slice(self.top, self.top + self.height), slice(self.left, self.left + self.width)
+
+
+def pad_to_multiple(x: Tensor, multiple: int, mode: str = "reflect") -> Tensor:
+    """Pad (bottom, right) so both sides are multiples of ``multiple``.
+
+    ``mode="reflect"`` (BlindDiff; replicate where the image is too small to reflect) or ``"zeros"``
+    (DiffBIR's official ``pad_to_multiples_of``).
+    """
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if not (ph or pw):
+        return x
+    if mode == "zeros":
+        return F.pad(x, (0, pw, 0, ph))
+    return F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")
 
 
 def tile_starts(size: int, tile: int, stride: int) -> list[int]:

@@ -42,13 +42,15 @@ from blindsr.diffusion.samplers import (
     ddpm_sample,
     randn,
 )
-from blindsr.diffusion.tiling import Box, tiled
+from blindsr.diffusion.tiling import Box, pad_to_multiple, tiled
 from blindsr.errors import BlindSRError, WeightsError
+from blindsr.models.mcformer import predicted_kernels, unwrap_model
 
 NORMS = ("l2", "l2sq")
 DOWNS = ("bicubic", "stride")
 KERNEL_MODES = ("estimated", "bicubic")
 SAMPLERS = ("ddpm", "ddim")
+PREDICTIONS = ("eps", "x0", "v")
 
 
 @dataclass
@@ -67,6 +69,8 @@ class BlindDiffConfig:
     tile_overlap: int = 32  # HR pixels of overlap between tiles when tiling is on
     sampler: str = "ddpm"  # "ddpm" (ancestral, learned variance: official) | "ddim" (deterministic, eta 0)
     start: float = 1.0  # 1 = from pure noise (Algorithm 2); s < 1: from bicubic↑y noised to s·T (SDEdit/StableSR-style)
+    prediction: str = "eps"  # what the network's first 3 channels predict: "eps" (official, paper) | "x0" |
+    #                          "v"; guided-diffusion's predict_xstart switch (x0) and Salimans & Ho's v
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,6 +82,9 @@ class BlindDiffConfig:
         if unknown:
             raise BlindSRError(f"BlindDiff config: unknown key(s) {sorted(unknown)}")
         return cls(**d)
+
+    def __post_init__(self) -> None:
+        _check_choice("prediction", self.prediction, PREDICTIONS)
 
     def train_diffusion(self) -> GaussianDiffusion:
         return make_diffusion(self.diffusion_steps, self.schedule, self.train_respacing)
@@ -96,22 +103,6 @@ class BlindDiffLossConfig:
     kernel_loss: str = "mse"  # "mse" (official, flat 441 vector) | "l1" (paper)
     learn_sigma: bool = True  # use the variance half of the output (needs out_channels = 6)
     nll_bins: str = "pm1"  # decoder NLL bins at t = 0: "pm1" (official constants) | "unit" ([0, 1] 8-bit)
-
-
-def _bare(model: torch.nn.Module) -> torch.nn.Module:
-    """Unwrap DDP / compiled / accelerate wrappers to reach MCFormer's helpers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
-
-
-def _kernels(model: torch.nn.Module, raw: Tensor) -> Tensor:
-    """The model's kernel output -> (B, k, k) in fp32 (softmaxed 441 vector, or a decoded PCA code)."""
-    bare = _bare(model)
-    if hasattr(bare, "kernel_from_output"):
-        return bare.kernel_from_output(raw).float()
-    k = math.isqrt(raw.shape[-1])
-    return raw.float().reshape(-1, k, k)
 
 
 def _fit_kernel(kernel: Tensor, size: int) -> Tensor:
@@ -133,16 +124,26 @@ def _uniform_t(n: int, b: int, generator: Generators, device: torch.device) -> T
     return torch.cat([_uniform_t(n, 1, g, device) for g in generator])
 
 
+def eps_from_prediction(diffusion: GaussianDiffusion, prediction: str, x_t: Tensor, t: Tensor, pred: Tensor) -> Tensor:
+    """The network's output in the ``prediction`` parameterisation -> eps (t: index into ``diffusion``)."""
+    if prediction == "x0":
+        return diffusion.eps_from_x0(x_t, t, pred)
+    return diffusion.eps_from_v(x_t, t, pred) if prediction == "v" else pred
+
+
 def training_losses(model: torch.nn.Module, diffusion: GaussianDiffusion, hr: Tensor, lr: Tensor,
                     kernel: Tensor | None, *, generator: Generators = None,
-                    cfg: BlindDiffLossConfig | None = None) -> dict[str, Tensor]:
+                    cfg: BlindDiffLossConfig | None = None, prediction: str = "eps") -> dict[str, Tensor]:
     """Algorithm 1 on a batch: scalar ``mse``, ``vb`` (learn_sigma), ``kernel`` (weight > 0) and ``loss``.
 
     ``diffusion`` is the RESPACED training process (``BlindDiffConfig().train_diffusion()``); t is uniform
     over its steps and the model sees the original timesteps. hr (B, 3, H, W), lr (B, 3, H/s, W/s) in
     [0, 1]; kernel (B, h, w) ground-truth blur kernels (or None when the kernel weight is 0).
+    ``prediction``: the regression target of the first 3 output channels — eps (Algorithm 1), x0 or v; the
+    loss is the MSE to that target, and the VB term sees the same eps-equivalent either way.
     """
     cfg = cfg or BlindDiffLossConfig()
+    _check_choice("prediction", prediction, PREDICTIONS)
     if cfg.kernel_loss not in ("mse", "l1"):
         raise BlindSRError(f"kernel_loss must be 'mse' or 'l1', got {cfg.kernel_loss!r}")
     b, c = hr.shape[:2]
@@ -150,18 +151,22 @@ def training_losses(model: torch.nn.Module, diffusion: GaussianDiffusion, hr: Te
     noise = randn(hr.shape, generator, hr.device, hr.dtype)
     x_t = diffusion.q_sample(hr, t, noise)  # Eq. 2
     out, k_raw = model(x_t, diffusion.original_t(t), lr)
-    eps = out[:, :c]
+    pred = out[:, :c]
     var_values = None
     if cfg.learn_sigma:
         if out.shape[1] != 2 * c:
             raise BlindSRError("learn_sigma=True needs a model with out_channels = 2 * in_channels")
         var_values = out[:, c:]
-    terms = hybrid_loss(diffusion, eps, var_values, noise, hr, x_t, t, bins=cfg.nll_bins)
+    terms = hybrid_loss(diffusion, eps_from_prediction(diffusion, prediction, x_t, t, pred), var_values, noise, hr,
+                        x_t, t, bins=cfg.nll_bins)
+    if prediction != "eps":  # the MSE term regresses the chosen target itself (not eps)
+        target = hr if prediction == "x0" else diffusion.v_from_eps_x0(noise, hr, t)
+        terms["mse"] = mean_flat((target.float() - pred.float()) ** 2)
     loss = cfg.mse_weight * terms["mse"] + (cfg.vb_weight * terms["vb"] if "vb" in terms else 0.0)
     if cfg.kernel_weight > 0:
         if kernel is None:
             raise BlindSRError("the kernel loss needs ground-truth kernels (or set kernel_weight=0)")
-        k_hat = _kernels(model, k_raw)
+        k_hat = predicted_kernels(model, k_raw)
         diff = k_hat - _fit_kernel(kernel.to(k_hat), k_hat.shape[-1])
         terms["kernel"] = mean_flat(diff**2 if cfg.kernel_loss == "mse" else diff.abs())
         loss = loss + cfg.kernel_weight * terms["kernel"]
@@ -231,16 +236,6 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise BlindSRError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
-def _pad_multiple(x: Tensor, m: int) -> Tensor:
-    """Pad (bottom, right) to a multiple of m: reflection when possible, else replicate."""
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % m, (-w) % m
-    if not (ph or pw):
-        return x
-    mode = "reflect" if ph < h and pw < w else "replicate"
-    return F.pad(x, (0, pw, 0, ph), mode=mode)
-
-
 class BlindDiffPipeline:
     """Kernel-aware blind SR (Algorithm 2) with an MCFormer: ``pipe(lr, steps=..., generator=...)``."""
 
@@ -251,7 +246,7 @@ class BlindDiffPipeline:
 
     @property
     def scale(self) -> int:
-        return int(getattr(_bare(self.model).config, "scale", 4))
+        return int(getattr(unwrap_model(self.model).config, "scale", 4))
 
     @property
     def device(self) -> torch.device:
@@ -266,6 +261,7 @@ class BlindDiffPipeline:
     def model_fn(self, lr: Tensor) -> Callable[..., ModelOutput]:
         """Denoiser on the full (padded) LR condition; with ``box`` it uses the matching LR crop (tiling)."""
         s, dtype = self.scale, next(self.model.parameters()).dtype
+        prediction, base = self.config.prediction, self.diffusion(self.config.diffusion_steps)  # base: original t
 
         def fn(x: Tensor, t: Tensor, box: Box | None = None) -> ModelOutput:
             cond = lr
@@ -273,7 +269,8 @@ class BlindDiffPipeline:
                 cond = lr[..., box.top // s:(box.top + box.height) // s, box.left // s:(box.left + box.width) // s]
             out, k = self.model(x.to(dtype), t, cond.to(dtype))
             out, c = out.float(), x.shape[1]
-            return ModelOutput(eps=out[:, :c], var_values=out[:, c:] if out.shape[1] == 2 * c else None,
+            eps = eps_from_prediction(base, prediction, x.float(), t, out[:, :c])  # the samplers' contract: eps
+            return ModelOutput(eps=eps, var_values=out[:, c:] if out.shape[1] == 2 * c else None,
                                extras={"kernel": k})
         return fn
 
@@ -304,14 +301,14 @@ class BlindDiffPipeline:
             raise BlindSRError(f"BlindDiff expects LR images (B, 3, h, w), got {tuple(lr.shape)}")
         s, dev = self.scale, self.device
         b, _, h, w = lr.shape
-        lr_p = _pad_multiple(lr.to(dev, torch.float32), 8 // math.gcd(8, s))  # HR side a multiple of 8
+        lr_p = pad_to_multiple(lr.to(dev, torch.float32), 8 // math.gcd(8, s))  # HR side a multiple of 8
         diffusion = self.diffusion(steps)
 
         fn = self.model_fn(lr_p)
         if tile is not None:
             fn = tiled(fn, tile, cfg.tile_overlap if tile_overlap is None else tile_overlap,
                        align=math.lcm(8, s), pass_box=True)
-        guidance = KernelGuidance(lr_p, s, lambda raw: _kernels(self.model, raw), lam, norm, down, x0_reg,
+        guidance = KernelGuidance(lr_p, s, lambda raw: predicted_kernels(self.model, raw), lam, norm, down, x0_reg,
                                   kernel_mode) if lam != 0 else None
 
         n = diffusion.num_timesteps
@@ -319,7 +316,7 @@ class BlindDiffPipeline:
         kernels, x0s, last = [], [], {}
 
         def callback(state: StepState) -> None:
-            k = _kernels(self.model, state.out.extras["kernel"]).detach()
+            k = predicted_kernels(self.model, state.out.extras["kernel"]).detach()
             last["kernel"] = k
             if return_trajectory:
                 kernels.append(k.cpu())
@@ -345,6 +342,9 @@ class BlindDiffPipeline:
                                  callback=callback, progress=progress, t_start=t_start)
         finally:
             self.model.train(was_training)
+        if not torch.isfinite(x0).all():  # e.g. a guidance step far too large for the norm: never write NaNs
+            raise BlindSRError(f"sampling diverged (non-finite values) with --lambda {lam} --norm {norm}; "
+                               "use a smaller --lambda")
         return SRResult(sr=x0[..., : s * h, : s * w].clamp(0, 1), kernel=last["kernel"],
                         kernels_traj=torch.stack(kernels) if return_trajectory else None,
                         x0_traj=torch.stack(x0s) if return_trajectory else None,
@@ -427,6 +427,6 @@ def save_pipeline(pipe: BlindDiffPipeline, path: str | Path) -> None:
     """Write the model as safetensors with its config in the metadata (what ``load_pipeline`` reads)."""
     from blindsr.io.weights import save_safetensors
 
-    cfg = {"model": _bare(pipe.model).config.to_dict(), "blinddiff": pipe.config.to_dict()}
+    cfg = {"model": unwrap_model(pipe.model).config.to_dict(), "blinddiff": pipe.config.to_dict()}
     sd = {k: v.detach().float().cpu().contiguous() for k, v in pipe.model.state_dict().items()}
     save_safetensors(sd, path, metadata={"config": json.dumps(cfg)})

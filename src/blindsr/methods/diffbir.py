@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from blindsr.diffusion.colorfix import color_fix
 from blindsr.diffusion.region_guidance import GuidanceConfig
 from blindsr.diffusion.samplers import randn
+from blindsr.diffusion.tiling import pad_to_multiple
 from blindsr.diffusion.vae_tiling import VAETiling, tiled_decode, tiled_encode
 from blindsr.errors import BlindSRError, WeightsError
 from blindsr.methods.diffbir_sampling import (
@@ -220,12 +221,6 @@ def resize_short_edge(x: Tensor, size: int) -> Tensor:
     return F.interpolate(x, size=out, mode="bicubic", antialias=True)
 
 
-def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
-    """Zero padding at the bottom / right to a multiple of ``multiple`` (official ``pad_to_multiples_of``)."""
-    h, w = x.shape[-2:]
-    return F.pad(x, (0, -w % multiple, 0, -h % multiple))
-
-
 @dataclass
 class DiffBIRResult:
     image: Tensor  # (B,3,h*upscale,w*upscale) in [0, 1]
@@ -374,7 +369,7 @@ class DiffBIRPipeline:
         tile_px = c.tiling.diffusion_tile
         diff_tiled = tile_px > 0 and max(h0, w0) > tile_px
         enc_tiled = c.tiling.vae.encoder_tile > 0 and max(h0, w0) > c.tiling.vae.encoder_tile
-        cond = pad_to_multiple(cond_img, 8 if (diff_tiled or enc_tiled) else 64)  # official padding rule
+        cond = pad_to_multiple(cond_img, 8 if (diff_tiled or enc_tiled) else 64, mode="zeros")  # official rule
         t0 = time.perf_counter()
         c_txt, c_unc = self.encode_prompts(B)
         c_img = self.encode_condition(cond)

@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from blindsr.diffusion.tiling import pad_to_multiple
 from blindsr.errors import BlindSRError
-from blindsr.methods.blinddiff import SRResult, _bare, _kernels, _pad_multiple
+from blindsr.methods.blinddiff import SRResult
+from blindsr.models.mcformer import predicted_kernels, unwrap_model
 
 
 def regression_input(lr: Tensor, scale: int) -> Tensor:
@@ -26,7 +28,7 @@ def regression_input(lr: Tensor, scale: int) -> Tensor:
 
 def regression_forward(model: torch.nn.Module, lr: Tensor) -> tuple[Tensor, Tensor]:
     """(SR estimate (B, 3, sH, sW), raw kernel output) for LR sizes whose HR side is a multiple of 8."""
-    scale = int(_bare(model).config.scale)
+    scale = int(unwrap_model(model).config.scale)
     x_in = regression_input(lr, scale)
     t = torch.zeros(lr.shape[0], device=lr.device, dtype=torch.long)
     out, k = model(x_in, t, lr)
@@ -50,9 +52,9 @@ class RegressionPipeline:
     def __call__(self, lr: Tensor, **_: object) -> SRResult:
         if lr.ndim != 4 or lr.shape[1] != 3:
             raise BlindSRError(f"regression SR expects LR images (B, 3, h, w), got {tuple(lr.shape)}")
-        s = int(_bare(self.model).config.scale)
+        s = int(unwrap_model(self.model).config.scale)
         dev = next(self.model.parameters()).device
         h, w = lr.shape[-2:]
-        lr_p = _pad_multiple(lr.to(dev, torch.float32), 8 // math.gcd(8, s))
+        lr_p = pad_to_multiple(lr.to(dev, torch.float32), 8 // math.gcd(8, s))
         sr, k = regression_forward(self.model, lr_p)
-        return SRResult(sr=sr[..., : s * h, : s * w].clamp(0, 1), kernel=_kernels(self.model, k))
+        return SRResult(sr=sr[..., : s * h, : s * w].clamp(0, 1), kernel=predicted_kernels(self.model, k))

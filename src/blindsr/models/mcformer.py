@@ -370,3 +370,19 @@ def _unwrap(ckpt: dict[str, Any]) -> dict[str, Tensor]:
             ckpt = ckpt[key]
             break
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in ckpt.items()}
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare model inside DDP / ``torch.compile`` / Accelerate wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def predicted_kernels(model: nn.Module, raw: Tensor) -> Tensor:
+    """A (possibly wrapped) model's kernel output -> (B, k, k) kernels in fp32."""
+    bare = unwrap_model(model)
+    if hasattr(bare, "kernel_from_output"):
+        return bare.kernel_from_output(raw).float()
+    k = math.isqrt(raw.shape[-1])
+    return raw.float().reshape(-1, k, k)

@@ -64,6 +64,7 @@ class TrainConfig:
     val_steps: int = 50              # sampler steps used for validation
     deterministic: bool = False      # deterministic CUDA kernels: bitwise-exact resume on GPUs too (slower)
     time_limit_min: float | None = None  # also stop (and export) once this many minutes of training have passed
+    init_from: str | None = None     # start from these weights (safetensors/.pth/.pt; fine-tuning); resume wins
 
 
 @dataclass

@@ -153,7 +153,8 @@ def blinddiff_recipe(cfg: RunConfig) -> Recipe:
         with torch.no_grad(), torch.autocast(hr.device.type, enabled=False):  # degrade in fp32 (feed_data)
             deg = degrade(hr.float(), generator)
         kernel = deg.kernel if loss_cfg.kernel_weight > 0 else None
-        return training_losses(model, diffusion, deg.hr, deg.lr, kernel, generator=generator, cfg=loss_cfg)
+        return training_losses(model, diffusion, deg.hr, deg.lr, kernel, generator=generator, cfg=loss_cfg,
+                               prediction=bd_cfg.prediction)
 
     def sample(model, lr, generator):
         return BlindDiffPipeline(model, bd_cfg)(lr, steps=cfg.train.val_steps, generator=generator).sr
@@ -247,6 +248,10 @@ def run_training(cfg: RunConfig, *, device: str = "auto", resume: str | None = N
         raise BlindSRError(f"config: method {cfg.method!r}: choose one of {', '.join(RECIPES)}")
     torch.manual_seed(cfg.train.seed)  # the model's initial weights (everything else has its own generators)
     recipe = RECIPES[cfg.method](cfg)
+    if cfg.train.init_from:  # before the trainer copies the model into its EMA
+        from blindsr.io.weights import load_into, load_state_dict
+
+        load_into(recipe.model, load_state_dict(cfg.train.init_from))
     trainer = Trainer(recipe.model, recipe.loss_fn, recipe.dataset, cfg.output, train=cfg.train, optim=cfg.optim,
                       batch_size=cfg.data.batch_size, workers=cfg.data.workers, validate_fn=recipe.validate_fn,
                       device=device, export_metadata=recipe.export_metadata, progress=progress)
