@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO / "src"))
 from blindsr.degradations.operators import imresize  # noqa: E402
 from blindsr.degradations.pipelines import get_preset  # noqa: E402
 from blindsr.io.images import read_image  # noqa: E402
-from blindsr.methods.blinddiff import load_pipeline  # noqa: E402
+from blindsr.methods.blinddiff import eps_from_prediction, load_pipeline  # noqa: E402
 from blindsr.metrics import psnr  # noqa: E402
 from blindsr.train.config import load_config  # noqa: E402
 from blindsr.train.recipes import split_data  # noqa: E402
@@ -70,7 +70,8 @@ def main() -> None:
             x_t = train.q_sample(d.hr, t, torch.randn(d.hr.shape, generator=g))
             with torch.no_grad():
                 out, _ = pipe.model(x_t, train.original_t(t), d.lr)
-            rows.setdefault(f"one-step x0 at t={i}/500", []).append(mean_psnr(train.x0_from_eps(x_t, t, out[:, :3]), d.hr))
+            eps = eps_from_prediction(train, pipe.config.prediction, x_t, t, out[:, :3])
+            rows.setdefault(f"one-step x0 at t={i}/500", []).append(mean_psnr(train.x0_from_eps(x_t, t, eps), d.hr))
         for v in args.variants:  # 2. full sampling
             sampler, lam, steps, start, norm = (v.split(":") + ["l2"])[:5]
             gens = [torch.Generator().manual_seed(j) for j in range(len(d.hr))]

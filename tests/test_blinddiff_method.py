@@ -257,6 +257,11 @@ def test_load_pipeline_sidecar_and_official_inference(pipe, tmp_path):
     cfg = {"model": pipe.model.config.to_dict(), "blinddiff": {"sample_steps": 7}}
     (tmp_path / "net.json").write_text(json.dumps(cfg))
     assert load_pipeline(tmp_path / "net.pth").config.sample_steps == 7
+    # safetensors metadata + a sidecar: the sidecar's sampling defaults win, the rest comes from the metadata
+    save_pipeline(BlindDiffPipeline(pipe.model, BlindDiffConfig(sample_steps=3, lam=2.0)), tmp_path / "m.safetensors")
+    (tmp_path / "m.json").write_text(json.dumps({"model": {"dim": 999}, "blinddiff": {"lam": 0.5, "lam_ref_steps": 9}}))
+    c = load_pipeline(tmp_path / "m.safetensors").config
+    assert (c.sample_steps, c.lam, c.lam_ref_steps) == (3, 0.5, 9)
 
 
 def test_load_pipeline_errors(tmp_path, monkeypatch):
@@ -320,3 +325,13 @@ def test_prediction_x0_wrong_target_is_penalised_and_bad_names_fail():
         BlindDiffConfig(prediction="score")
     with pytest.raises(BlindSRError, match="prediction"):
         training_losses(oracle, cfg.train_diffusion(), hr, lr, None, prediction="score")
+
+
+def test_lam_ref_steps_keeps_the_total_pull(tiny):
+    lr = torch.rand(1, 3, 8, 8, generator=gen(1))
+    scaled = BlindDiffPipeline(tiny, BlindDiffConfig(sample_steps=2, lam_ref_steps=10))
+    plain = BlindDiffPipeline(tiny, BlindDiffConfig(sample_steps=2))
+    a = scaled(lr, lam=0.01, generator=gen(0)).sr
+    torch.testing.assert_close(a, plain(lr, lam=0.01 * 10 / 2, generator=gen(0)).sr, atol=1e-6, rtol=0)
+    assert not torch.allclose(a, plain(lr, lam=0.01, generator=gen(0)).sr, atol=1e-4)
+    assert torch.equal(scaled(lr, lam=0, generator=gen(0)).sr, plain(lr, lam=0, generator=gen(0)).sr)

@@ -29,7 +29,9 @@ def register(subparsers, help_: str) -> None:
     p.add_argument("--ckpt", metavar="FILE", help="checkpoint (.safetensors/.pth) with its config in the metadata "
                    "or a sidecar .json; default: the embedded BlindDiff-S model")
     p.add_argument("--steps", type=int, help="sampling steps (respaced; default: the model's, 500 for BlindDiff)")
-    p.add_argument("--lambda", dest="lam", type=float, help="kernel-aware gradient step (default 1; 0 = off, faster)")
+    p.add_argument("--lambda", dest="lam", type=float,
+                   help="kernel-aware gradient step (default: the model's, 1; 0 = off, faster); a model with "
+                        "lam_ref_steps N applies LAMBDA*N/steps per step")
     p.add_argument("--norm", choices=["l2", "l2sq"], help="guidance norm: l2 (official) or l2sq (paper)")
     p.add_argument("--down", choices=["bicubic", "stride"], help="downsampling in the guidance operator")
     p.add_argument("--x0-reg", type=float, help="weight of the official extra ||x0|| term (default 0.1; 0 = paper)")

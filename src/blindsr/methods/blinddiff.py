@@ -62,6 +62,8 @@ class BlindDiffConfig:
     train_respacing: str = "500"  # official: train AND sample on the same 500-step respacing (DiT style)
     sample_steps: int = 500  # default number of sampling steps (official: 500)
     lam: float = 1.0  # step size of the kernel-aware gradient (official alpha = 1)
+    lam_ref_steps: int | None = None  # None: lam per step (official). N: lam * N / steps per step, i.e. the total
+    #                                   pull of N steps at lam, whatever the step count (same as official at N)
     norm: str = "l2"  # "l2" (official, DPS) | "l2sq" (paper's squared norm)
     down: str = "bicubic"  # "bicubic" (MATLAB, official) | "stride" (s-fold subsampling)
     x0_reg: float = 0.1  # official extra 0.1 * ||x0_hat||_2 in the guidance loss; 0 = paper
@@ -308,8 +310,9 @@ class BlindDiffPipeline:
         if tile is not None:
             fn = tiled(fn, tile, cfg.tile_overlap if tile_overlap is None else tile_overlap,
                        align=math.lcm(8, s), pass_box=True)
-        guidance = KernelGuidance(lr_p, s, lambda raw: predicted_kernels(self.model, raw), lam, norm, down, x0_reg,
-                                  kernel_mode) if lam != 0 else None
+        step_lam = lam * cfg.lam_ref_steps / diffusion.num_timesteps if cfg.lam_ref_steps else lam
+        guidance = KernelGuidance(lr_p, s, lambda raw: predicted_kernels(self.model, raw), step_lam, norm, down,
+                                  x0_reg, kernel_mode) if lam != 0 else None
 
         n = diffusion.num_timesteps
         snap = set(torch.linspace(0, n - 1, min(n, 8)).round().long().tolist()) if return_trajectory else set()
@@ -367,23 +370,33 @@ def default_model_path() -> Path:
 
 
 def read_config(path: Path) -> dict[str, Any] | None:
-    """The JSON config of a checkpoint: safetensors metadata key "config", else a sidecar ``<stem>.json``."""
+    """The JSON config of a checkpoint: safetensors metadata key "config", else a sidecar ``<stem>.json``.
+
+    When both exist, the sidecar's ``"blinddiff"`` section (sampling defaults: steps, lam, ...) overrides the
+    metadata's, so inference defaults can be tuned without rewriting the weights; the model section always
+    comes from the metadata."""
+    cfg = None
     if path.suffix == ".safetensors":
         from blindsr.io.weights import load_safetensors_metadata
 
         meta = load_safetensors_metadata(path)
         if "config" in meta:
             try:
-                return json.loads(meta["config"])
+                cfg = json.loads(meta["config"])
             except json.JSONDecodeError as e:
                 raise WeightsError(f"{path}: the 'config' metadata is not valid JSON ({e})") from None
     sidecar = path.with_suffix(".json")
-    if sidecar.is_file():
-        try:
-            return json.loads(sidecar.read_text())
-        except json.JSONDecodeError as e:
-            raise WeightsError(f"{sidecar}: invalid JSON ({e})") from None
-    return None
+    if not sidecar.is_file():
+        return cfg
+    try:
+        side = json.loads(sidecar.read_text())
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{sidecar}: invalid JSON ({e})") from None
+    if cfg is None:
+        return side
+    if "model" in cfg and isinstance(side, dict) and isinstance(side.get("blinddiff"), dict):
+        cfg = {**cfg, "blinddiff": {**cfg.get("blinddiff", {}), **side["blinddiff"]}}
+    return cfg
 
 
 def split_config(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
