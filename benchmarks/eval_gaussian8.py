@@ -6,8 +6,8 @@ Regenerates the table in docs/results.md:
 
 Rows: bicubic (MATLAB imresize x4), the regression baseline (same backbone, L1), BlindDiff-S with lambda=0,
 lambda=1 (kernel-aware gradient, Algorithm 2) applied per step as in the official code, lambda=1 scaled by
-500/steps (the same total pull as the official 500-step sampler; the shipped default), and the bicubic-based
-gradient (identity kernel, the paper's ablation, with the same scaling). Columns: PSNR/SSIM on Y (BT.601), border 4, per kernel width and mean. For the BlindDiff rows also
+500/steps (the same total pull as the official 500-step sampler; best for the stage-1 eps model), and the bicubic-based
+gradient (identity kernel, the paper's ablation, λ=1 per step like the shipped default). Columns: PSNR/SSIM on Y (BT.601), border 4, per kernel width and mean. For the BlindDiff rows also
 the kernel estimate's L1 error sum|k_hat - k| and the "LR consistency" PSNR (the SR output re-degraded with the
 estimated kernel, compared with the input LR, as in the paper's Fig. 7).
 Each image's 8 kernels run as one batch, each sample with its own seeded generator.
@@ -37,10 +37,10 @@ from blindsr.metrics import psnr, ssim  # noqa: E402
 
 VARIANTS = {  # name -> (BlindDiffPipeline keyword arguments, BlindDiffConfig overrides)
     "BlindDiff-S, λ=0": (dict(lam=0.0), {}),
-    "BlindDiff-S, λ=1 per step (official rule)": (dict(lam=1.0), dict(lam_ref_steps=None)),
-    "BlindDiff-S, λ=1 × 500/steps (kernel-aware, shipped default)": (dict(lam=1.0), dict(lam_ref_steps=500)),
-    "BlindDiff-S, bicubic-based gradient (× 500/steps)": (dict(lam=1.0, kernel_mode="bicubic"),
-                                                          dict(lam_ref_steps=500)),
+    "BlindDiff-S, λ=1 per step (official rule, shipped default)": (dict(lam=1.0), dict(lam_ref_steps=None)),
+    "BlindDiff-S, λ=1 × 500/steps (lam_ref_steps 500)": (dict(lam=1.0), dict(lam_ref_steps=500)),
+    "BlindDiff-S, bicubic-based gradient (λ=1 per step)": (dict(lam=1.0, kernel_mode="bicubic"),
+                                                           dict(lam_ref_steps=None)),
 }
 
 

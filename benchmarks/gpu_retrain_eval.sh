@@ -6,10 +6,12 @@
 #   python benchmarks/make_device_data.py          # once: .device-data/ (~49 MiB), git-ignored
 #   bash benchmarks/gpu_retrain_eval.sh [OUT_DIR]  # ~17 min training + ~5 min evaluation on one H100 (estimate)
 #   STEPS=8000 MINUTES=25 BD_EXTRA="--set diffusion.prediction=x0" bash benchmarks/gpu_retrain_eval.sh
-# (STEPS / MINUTES apply to both runs; BD_EXTRA only to BlindDiff-S.)
+# (STEPS / MINUTES apply to both runs; BD_EXTRA only to BlindDiff-S.) Session 2's held-out evidence favours
+# v-prediction for this small budget (docs/results.md), with the per-step lambda rule:
+#   BD_EXTRA="--set diffusion.prediction=v --set diffusion.lam_ref_steps=null"
 #
-# The tracked weights (2 x 14.8 MB) plus .device-data exceed a 64 MiB transfer limit: on such a machine leave
-# the two .safetensors files out of the transfer (they are not needed here; this run makes new ones).
+# The tracked weights (3 x 14.8 MB) plus .device-data exceed a 64 MiB transfer limit: on such a machine leave
+# the .safetensors files out of the transfer (not needed there; this run makes new ones), e.g. git rm --cached.
 # Detached use (the job outlives one 10-minute command): setsid nohup bash benchmarks/gpu_retrain_eval.sh &
 set -u
 OUT_DIR=${1:-/tmp/runs}; mkdir -p "$OUT_DIR"; R=$OUT_DIR
@@ -37,7 +39,7 @@ E=(python benchmarks/eval_gaussian8.py --ckpt "$R/bd/final.safetensors" --reg-ck
 "${E[@]}" --sets Set5 --json "$R/e_set5.json" > "$R/e_set5.log" 2>&1 &
 "${E[@]}" --sets Set14 --variants "λ=0" --json "$R/e_s14a.json" > "$R/e_s14a.log" 2>&1 &
 "${E[@]}" --sets Set14 --variants "official rule" --json "$R/e_s14b.json" > "$R/e_s14b.log" 2>&1 &
-"${E[@]}" --sets Set14 --variants "shipped default" --json "$R/e_s14c.json" > "$R/e_s14c.log" 2>&1 &
+"${E[@]}" --sets Set14 --variants "lam_ref_steps" --json "$R/e_s14c.json" > "$R/e_s14c.log" 2>&1 &
 "${E[@]}" --sets Set14 --variants "bicubic-based" --json "$R/e_s14d.json" > "$R/e_s14d.log" 2>&1 &
 wait
 python benchmarks/eval_gaussian8.py --merge "$R"/e_set5.json "$R"/e_s14{a,b,c,d}.json \
