@@ -63,7 +63,8 @@ class TrainConfig:
     val_every: int = 5000            # 0 disables validation
     val_steps: int = 50              # sampler steps used for validation
     deterministic: bool = False      # deterministic CUDA kernels: bitwise-exact resume on GPUs too (slower)
-    time_limit_min: float | None = None  # also stop (and export) once this many minutes of training have passed
+    time_limit_min: float | None = None  # also stop (and export) after this many minutes of training, counted
+    #                                      over all starts of the run (a resumed run continues the clock)
     init_from: str | None = None     # start from these weights (safetensors/.pth/.pt; fine-tuning); resume wins
 
 
