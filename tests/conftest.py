@@ -33,3 +33,19 @@ def data_dir(shared_dir) -> Path:
 @pytest.fixture(scope="session")
 def reference_dir(shared_dir) -> Path:
     return shared_dir / "reference"
+
+
+@pytest.fixture()
+def make_hr_folder(tmp_path):
+    """``make_hr_folder(n, h, w)``: a folder ``tmp_path/hr`` of ``n`` seeded random RGB PNGs of h x w (training data)."""
+    import numpy as np
+    from PIL import Image
+
+    def make(n: int, h: int, w: int) -> Path:
+        root = tmp_path / "hr"
+        root.mkdir()
+        for i in range(n):
+            Image.fromarray(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"im{i}.png")
+        return root
+
+    return make

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from blindsr.degradations.kernels import gaussian_kernel
 from blindsr.errors import BlindSRError
@@ -92,13 +91,8 @@ def test_modulation_off_forward_and_training_step():
 
 # ---- paper variant from a training config ------------------------------------------------------------------------
 @pytest.fixture()
-def hr_folder(tmp_path) -> Path:
-    root = tmp_path / "hr"
-    root.mkdir()
-    for i in range(2):
-        arr = np.random.default_rng(i).integers(0, 256, (36, 36, 3), dtype=np.uint8)
-        Image.fromarray(arr).save(root / f"im{i}.png")
-    return root
+def hr_folder(make_hr_folder) -> Path:
+    return make_hr_folder(2, 36, 36)
 
 
 def _run_config(hr_folder: Path, tmp_path: Path, **model) -> RunConfig:

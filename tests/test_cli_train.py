@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from blindsr.cli.main import main
 from blindsr.train.config import RunConfig, load_config, save_config
@@ -67,13 +66,8 @@ def test_shipped_configs_parse_and_round_trip(tmp_path):
 
 
 @pytest.fixture()
-def hr_folder(tmp_path) -> Path:
-    root = tmp_path / "hr"
-    root.mkdir()
-    for i in range(4):
-        arr = np.random.default_rng(i).integers(0, 256, (40, 44, 3), dtype=np.uint8)
-        Image.fromarray(arr).save(root / f"im{i}.png")
-    return root
+def hr_folder(make_hr_folder) -> Path:
+    return make_hr_folder(4, 40, 44)
 
 
 def test_train_blinddiff_tiny(tmp_path, hr_folder, capsys):

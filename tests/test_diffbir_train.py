@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from blindsr.cli.main import main
 from blindsr.io.weights import load_safetensors_metadata
@@ -23,13 +22,8 @@ STAGE1, STAGE2 = str(REPO / "configs" / "diffbir_stage1_tiny.yaml"), str(REPO / 
 
 
 @pytest.fixture()
-def hr_folder(tmp_path) -> Path:
-    root = tmp_path / "hr"
-    root.mkdir()
-    for i in range(4):
-        arr = np.random.default_rng(i).integers(0, 256, (72, 80, 3), dtype=np.uint8)
-        Image.fromarray(arr).save(root / f"im{i}.png")
-    return root
+def hr_folder(make_hr_folder) -> Path:
+    return make_hr_folder(4, 72, 80)
 
 
 def train(config: str, out: Path, hr: Path, *extra: str) -> int:
