@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from blindsr.degradations.operators import imresize  # noqa: E402
 from blindsr.degradations.pipelines import get_preset  # noqa: E402
+from blindsr.device import resolve_device  # noqa: E402
 from blindsr.io.images import read_image  # noqa: E402
 from blindsr.methods.blinddiff import eps_from_prediction, load_pipeline  # noqa: E402
 from blindsr.metrics import psnr  # noqa: E402
@@ -41,10 +42,15 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2, help="held-out images to use")
     ap.add_argument("--variants", nargs="*", default=["ddpm:0:20:1"], help="SAMPLER:LAMBDA:STEPS:START[:NORM]")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, e.g. data.root=.device-data/train-hr (same split)")
+    ap.add_argument("--json", default=None, help="also write {row: mean PSNR} here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
 
-    pipe = load_pipeline(args.ckpt)
+    pipe = load_pipeline(args.ckpt, device=device)
     reg = None
     if args.reg_ckpt and Path(args.reg_ckpt).is_file():
         from blindsr.io.weights import load_into, load_safetensors_metadata, load_state_dict
@@ -53,21 +59,23 @@ def main() -> None:
 
         model = MCFormer(MCFormerConfig.from_dict(json.loads(load_safetensors_metadata(args.reg_ckpt)["config"])["model"]))
         load_into(model, load_state_dict(args.reg_ckpt))
-        reg = RegressionPipeline(model)
-    _, held = split_data(load_config(args.config, []))
+        reg = RegressionPipeline(model.to(device))
+    _, held = split_data(load_config(args.config, args.overrides))
     g8, train = get_preset("gaussian8"), pipe.config.train_diffusion()
     rows: dict[str, list[float]] = {}
     for f in held[: args.images]:
         hr = read_image(f)
         c = min(hr.shape[-2:]) // 2
         d = g8(hr[None, :, c - 64:c + 64, c - 64:c + 64])
+        d = type(d)(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in vars(d).items()})
         rows.setdefault("bicubic", []).append(mean_psnr(imresize(d.lr, scale=4), d.hr))
         if reg is not None:
             rows.setdefault("regression baseline", []).append(mean_psnr(reg(d.lr).sr, d.hr))
         g = torch.Generator().manual_seed(0)
         for i in (10, 50, 100, 200, 300, 400, 499):  # 1. x0 by noise level (respaced-500 index)
             t = torch.full((len(d.hr),), i)
-            x_t = train.q_sample(d.hr, t, torch.randn(d.hr.shape, generator=g))
+            t = t.to(device)
+            x_t = train.q_sample(d.hr, t, torch.randn(d.hr.shape, generator=g).to(device))
             with torch.no_grad():
                 out, _ = pipe.model(x_t, train.original_t(t), d.lr)
             eps = eps_from_prediction(train, pipe.config.prediction, x_t, t, out[:, :3])
@@ -82,6 +90,8 @@ def main() -> None:
     print(f"\nmean PSNR (Y, border 4) over {len(rows['bicubic'])} held-out 128x128 crops x 8 Gaussian8 kernels")
     for k, v in rows.items():
         print(f"  {k:40s} {sum(v) / len(v):6.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({k: sum(v) / len(v) for k, v in rows.items()}, indent=1))
 
 
 if __name__ == "__main__":

@@ -89,7 +89,8 @@ def evaluate(args, on_set_done=None) -> dict:
                 for c in range(0, 8, args.chunk):  # chunks of the 8 kernels; results do not depend on the chunking
                     gens = [torch.Generator(device).manual_seed(args.seed * 1000003 + 1009 * i + j)
                             for j in range(c, min(c + args.chunk, 8))]
-                    out = bd(lr[c:c + args.chunk].to(device), steps=args.steps, generator=gens, **kw)
+                    out = bd(lr[c:c + args.chunk].to(device), steps=args.steps, generator=gens,
+                             sampler=args.sampler, **kw)
                     srs.append(out.sr.cpu())
                     ks.append(out.kernel.cpu())
                 timing.setdefault(name, []).append(time.perf_counter() - t0)
@@ -113,6 +114,7 @@ def evaluate(args, on_set_done=None) -> dict:
 def summary(acc, timing, device, args) -> dict:
     per_set = {m: {key: [mean(v) for v in per_k] for key, per_k in d.items()} for m, d in acc.items()}
     return {"per_set": per_set, "sigmas": list(GAUSSIAN8_SIGMAS), "steps": args.steps, "seed": args.seed,
+            "sampler": args.sampler or "checkpoint default",
             "device": str(device), "ckpt": str(args.ckpt or "default"),
             "seconds_per_image_8_kernels": {k: mean(v) for k, v in timing.items()}}
 
@@ -121,8 +123,9 @@ def merge(results: list[dict]) -> dict:
     """Combine result dicts of parallel runs (same steps/seed); a row computed twice must give the same numbers."""
     out = dict(results[0], per_set={}, seconds_per_image_8_kernels={}, total_seconds=0.0)
     for r in results:
-        if (r["steps"], r["seed"], r["sigmas"]) != (out["steps"], out["seed"], out["sigmas"]):
-            raise SystemExit("merge: the files differ in steps, seed or kernels")
+        keys = ("steps", "seed", "sigmas", "sampler")
+        if any(r.get(k) != out.get(k) for k in keys):
+            raise SystemExit("merge: the files differ in steps, seed, kernels or sampler")
         for method, d in r["per_set"].items():
             row = out["per_set"].setdefault(method, {})
             for key, vals in d.items():
@@ -165,6 +168,7 @@ def main() -> None:
     ap.add_argument("--sets", nargs="+", default=["Set5", "Set14"])
     ap.add_argument("--steps", type=int, default=50, help="sampling steps (respaced)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sampler", default=None, help="ddpm | ddim (default: the checkpoint's)")
     ap.add_argument("--variants", nargs="*", default=None,
                     help="only the BlindDiff rows whose name contains one of these (e.g. 'λ=0'); default all")
     ap.add_argument("--chunk", type=int, default=4, help="kernels per batch (memory: lambda>0 backpropagates)")
