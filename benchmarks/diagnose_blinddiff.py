@@ -1,7 +1,8 @@
 """Diagnose a BlindDiff model on HELD-OUT training images (never the test sets): where does quality go?
 
-1. x0 by noise level (and the kernel head's L1 error sum|k_hat - k| there): PSNR of the one-step x0_hat = (x_t - sqrt(1-abar) eps_hat) / sqrt(abar) with
-   x_t = q_sample(HR, t), per (respaced-500) timestep — how well the denoiser works at each noise level.
+1. x0 by noise level: PSNR of the one-step x0_hat = (x_t - sqrt(1-abar) eps_hat) / sqrt(abar) with
+   x_t = q_sample(HR, t), per (respaced-500) timestep — how well the denoiser works at each noise level — and the
+   kernel head's L1 error sum|k_hat - k| at the same x_t.
 2. full sampling: PSNR of sampler variants (``SAMPLER:LAMBDA:STEPS:START[:NORM]``, NORM l2 or l2sq), against bicubic and, if given,
    the regression baseline, on 128x128 centre crops degraded with the 8 Gaussian8 kernels.
 
@@ -74,13 +75,13 @@ def main() -> None:
             rows.setdefault("regression baseline", []).append(mean_psnr(reg(d.lr).sr, d.hr))
         g = torch.Generator().manual_seed(0)
         for i in (10, 50, 100, 200, 300, 400, 499):  # 1. x0 by noise level (respaced-500 index)
-            t = torch.full((len(d.hr),), i)
-            t = t.to(device)
+            t = torch.full((len(d.hr),), i, device=device)
             x_t = train.q_sample(d.hr, t, torch.randn(d.hr.shape, generator=g).to(device))
             with torch.no_grad():
                 out, k_out = pipe.model(x_t, train.original_t(t), d.lr)
             k_hat = unwrap_model(pipe.model).kernel_from_output(k_out).float()
-            rows.setdefault(f"kernel L1 at t={i}/500", []).append(float((k_hat - d.kernel).abs().sum((-2, -1)).mean()))
+            k_l1 = float((k_hat - d.kernel).abs().sum((-2, -1)).mean())
+            rows.setdefault(f"kernel L1 at t={i}/500", []).append(k_l1)
             eps = eps_from_prediction(train, pipe.config.prediction, x_t, t, out[:, :3])
             rows.setdefault(f"one-step x0 at t={i}/500", []).append(mean_psnr(train.x0_from_eps(x_t, t, eps), d.hr))
         for v in args.variants:  # 2. full sampling
@@ -92,7 +93,8 @@ def main() -> None:
         print(f"{f.name}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items()), flush=True)
     print(f"\nmean PSNR (Y, border 4) over {len(rows['bicubic'])} held-out 128x128 crops x 8 Gaussian8 kernels")
     for k, v in rows.items():
-        print(f"  {k:40s} {sum(v) / len(v):6.3f}" if k.startswith("kernel") else f"  {k:40s} {sum(v) / len(v):6.2f}")
+        digits = 3 if k.startswith("kernel") else 2
+        print(f"  {k:40s} {sum(v) / len(v):6.{digits}f}")
     if args.json:
         Path(args.json).write_text(json.dumps({k: sum(v) / len(v) for k, v in rows.items()}, indent=1))
 

@@ -35,7 +35,8 @@ python -c "import torch; print('torch', torch.__version__)"
 python -m blindsr train blinddiff --config "$BD_CONFIG" --output "$R/bd" --set data.root="$D/train-hr" \
     "${NEXT[@]}" "${BD_ARGS[@]}" ${BD_EXTRA:-} --no-progress --device "$DEV" > "$R/bd_train.log" 2>&1 &
 python -m blindsr train regression --config configs/regression_s.yaml --output "$R/reg" \
-    --set data.root="$D/train-hr" "${NEXT[@]}" "${REG_ARGS[@]}" ${REG_EXTRA:-} --no-progress --device "$DEV" > "$R/reg_train.log" 2>&1 &
+    --set data.root="$D/train-hr" "${NEXT[@]}" "${REG_ARGS[@]}" ${REG_EXTRA:-} --no-progress --device "$DEV" \
+    > "$R/reg_train.log" 2>&1 &
 wait
 echo "training done after $(( $(date +%s) - START )) s"; tail -n 3 "$R/bd_train.log" "$R/reg_train.log"
 (cd "$R" && tar czf logs.tgz bd_train.log reg_train.log bd/log.csv bd/val.csv bd/config.yaml bd/meta.json \
@@ -43,8 +44,8 @@ echo "training done after $(( $(date +%s) - START )) s"; tail -n 3 "$R/bd_train.
 touch "$R/train.done"
 # Held-out check (train-hr's 9 held-out images, 128x128 centre crops): the new model against its starting point,
 # over samplers and step counts; the best (sampler, steps) there, at lambda 0 or 1, is used for the test sets.
-H=(python benchmarks/diagnose_blinddiff.py --images "${HELDOUT_IMAGES:-9}" --device "$DEV" --reg-ckpt "$R/reg/final.safetensors"
-   --config "$BD_CONFIG" --set data.root="$D/train-hr")
+H=(python benchmarks/diagnose_blinddiff.py --images "${HELDOUT_IMAGES:-9}" --device "$DEV"
+   --reg-ckpt "$R/reg/final.safetensors" --config "$BD_CONFIG" --set data.root="$D/train-hr")
 [ -n "$BD_INIT" ] && "${H[@]}" --ckpt "$BD_INIT" --json "$R/heldout_init.json" \
     --variants ddpm:0:20:1 ddpm:1:20:1 ddpm:0:5:1 ddpm:1:5:1 ddpm:0:2:1 ddpm:1:2:1 > "$R/heldout_init.log" 2>&1 &
 "${H[@]}" --ckpt "$R/bd/final.safetensors" --json "$R/heldout_new.json" --variants ddpm:0:20:1 ddpm:1:20:1 \
@@ -64,7 +65,8 @@ echo "held-out choice: sampler ${SAMPLER:=ddpm}, ${NSTEPS:=20} steps"
 E=(python benchmarks/eval_gaussian8.py --ckpt "$R/bd/final.safetensors" --reg-ckpt "$R/reg/final.safetensors"
    --data "$D" --sampler "$SAMPLER" --steps "$NSTEPS" --device "$DEV")
 # Memory (H100, Set14, guided rows backpropagate through the network): about 10 GB per kernel in a batch, so four
-# processes at 8 or 4 kernels per batch ran out of memory; two rounds of two fit (chunking changes results only by float rounding).
+# processes at 8 or 4 kernels per batch ran out of memory; two rounds of two fit (chunking changes results only by
+# float rounding).
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 "${E[@]}" --sets Set14 --variants "λ=0" --chunk 8 --json "$R/e_s14a.json" > "$R/e_s14a.log" 2>&1 &
 "${E[@]}" --sets Set5 --variants "λ=0" "official rule" "bicubic-based" --chunk 2 --json "$R/e_set5.json" \
