@@ -27,7 +27,7 @@ from blindsr.device import resolve_device  # noqa: E402
 from blindsr.io.images import read_image  # noqa: E402
 from blindsr.methods.blinddiff import eps_from_prediction, load_pipeline  # noqa: E402
 from blindsr.metrics import psnr  # noqa: E402
-from blindsr.models.mcformer import unwrap_model  # noqa: E402
+from blindsr.models.mcformer import predicted_kernels  # noqa: E402
 from blindsr.train.config import load_config  # noqa: E402
 from blindsr.train.recipes import split_data  # noqa: E402
 
@@ -79,7 +79,7 @@ def main() -> None:
             x_t = train.q_sample(d.hr, t, torch.randn(d.hr.shape, generator=g).to(device))
             with torch.no_grad():
                 out, k_out = pipe.model(x_t, train.original_t(t), d.lr)
-            k_hat = unwrap_model(pipe.model).kernel_from_output(k_out).float()
+            k_hat = predicted_kernels(pipe.model, k_out)
             k_l1 = float((k_hat - d.kernel).abs().sum((-2, -1)).mean())
             rows.setdefault(f"kernel L1 at t={i}/500", []).append(k_l1)
             eps = eps_from_prediction(train, pipe.config.prediction, x_t, t, out[:, :3])
