@@ -96,8 +96,8 @@ def sync(device: torch.device) -> None:
 
 def run(config: str, args: argparse.Namespace) -> None:
     from blindsr.device import resolve_device, resolve_dtype
-    from blindsr.diffusion.region_guidance import GuidanceConfig
     from blindsr.methods.diffbir import DiffBIRConfig, DiffBIRPipeline, Tiling
+    from blindsr.methods.diffbir.guidance import GuidanceConfig
 
     device = resolve_device(args.device)
     size = args.size or (64 if config == "tiny" else 512)
@@ -144,7 +144,7 @@ def main() -> None:
     p.add_argument("--size", type=int, help="output size in pixels (default: tiny 64, full 512)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--cfg", type=float, default=4.0)
-    p.add_argument("--sampler", default="spaced")
+    p.add_argument("--sampler", default="ddpm")
     p.add_argument("--tile", type=int, default=0, help="diffusion tile in pixels (0 = off)")
     p.add_argument("--guidance-scale", type=float, default=0.0)
     p.add_argument("--repeats", type=int, default=2)

@@ -24,12 +24,13 @@ sys.path.insert(0, str(REPO / "src"))
 from blindsr.degradations.operators import imresize  # noqa: E402
 from blindsr.degradations.pipelines import get_preset  # noqa: E402
 from blindsr.device import resolve_device  # noqa: E402
+from blindsr.diffusion.parameterization import split  # noqa: E402
 from blindsr.io.images import read_image  # noqa: E402
-from blindsr.methods.blinddiff import eps_from_prediction, load_pipeline  # noqa: E402
+from blindsr.methods.blinddiff import load_pipeline  # noqa: E402
 from blindsr.metrics import psnr  # noqa: E402
 from blindsr.models.mcformer import predicted_kernels  # noqa: E402
+from blindsr.train.common import split_data  # noqa: E402
 from blindsr.train.config import load_config  # noqa: E402
-from blindsr.train.recipes import split_data  # noqa: E402
 
 
 def mean_psnr(sr: torch.Tensor, hr: torch.Tensor) -> float:
@@ -56,10 +57,10 @@ def main() -> None:
     reg = None
     if args.reg_ckpt and Path(args.reg_ckpt).is_file():
         from blindsr.io.weights import load_into, load_safetensors_metadata, load_state_dict
-        from blindsr.methods.regression import RegressionPipeline
+        from blindsr.methods.blinddiff.regression import RegressionPipeline
         from blindsr.models.mcformer import MCFormer, MCFormerConfig
 
-        model = MCFormer(MCFormerConfig.from_dict(json.loads(load_safetensors_metadata(args.reg_ckpt)["config"])["model"]))
+        model = MCFormer(MCFormerConfig.from_official(json.loads(load_safetensors_metadata(args.reg_ckpt)["config"])["model"]))
         load_into(model, load_state_dict(args.reg_ckpt))
         reg = RegressionPipeline(model.to(device))
     _, held = split_data(load_config(args.config, args.overrides))
@@ -82,8 +83,8 @@ def main() -> None:
             k_hat = predicted_kernels(pipe.model, k_out)
             k_l1 = float((k_hat - d.kernel).abs().sum((-2, -1)).mean())
             rows.setdefault(f"kernel L1 at t={i}/500", []).append(k_l1)
-            eps = eps_from_prediction(train, pipe.config.prediction, x_t, t, out[:, :3])
-            rows.setdefault(f"one-step x0 at t={i}/500", []).append(mean_psnr(train.x0_from_eps(x_t, t, eps), d.hr))
+            _, x0 = split(out[:, :3], pipe.config.prediction, x_t, train.abar(t, x_t))
+            rows.setdefault(f"one-step x0 at t={i}/500", []).append(mean_psnr(x0, d.hr))
         for v in args.variants:  # 2. full sampling
             sampler, lam, steps, start, norm = (v.split(":") + ["l2"])[:5]
             gens = [torch.Generator().manual_seed(j) for j in range(len(d.hr))]

@@ -62,11 +62,11 @@ def evaluate(args, on_set_done=None) -> dict:
     reg = None
     if args.reg_ckpt:
         from blindsr.io.weights import load_into, load_safetensors_metadata, load_state_dict
-        from blindsr.methods.regression import RegressionPipeline
+        from blindsr.methods.blinddiff.regression import RegressionPipeline
         from blindsr.models.mcformer import MCFormer, MCFormerConfig
 
         meta = json.loads(load_safetensors_metadata(args.reg_ckpt)["config"])
-        model = MCFormer(MCFormerConfig.from_dict(meta["model"]))
+        model = MCFormer(MCFormerConfig.from_official(meta["model"]))
         load_into(model, load_state_dict(args.reg_ckpt))
         reg = RegressionPipeline(model.to(device))
     # acc[method][f"{set}:{metric}"][kernel j] -> values over the set's images

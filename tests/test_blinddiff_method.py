@@ -8,7 +8,9 @@ import types
 import pytest
 import torch
 
+from blindsr.config import to_dict
 from blindsr.degradations.kernels import gaussian_kernel
+from blindsr.diffusion.parameterization import split
 from blindsr.diffusion.respace import make_diffusion
 from blindsr.errors import BlindSRError, WeightsError
 from blindsr.methods import blinddiff
@@ -21,6 +23,7 @@ from blindsr.methods.blinddiff import (
     save_pipeline,
     training_losses,
 )
+from blindsr.methods.blinddiff.losses import fit_kernel
 from blindsr.models.mcformer import MCFormer, MCFormerConfig
 
 
@@ -92,11 +95,11 @@ def _noisy(diffusion, hr, g):
 
 def test_smaller_kernels_are_centred_in_the_model_kernel():
     k11 = gaussian_kernel(11, 1.0)[None]
-    k21 = blinddiff._fit_kernel(k11, 21)
+    k21 = fit_kernel(k11, 21)
     assert k21.shape == (1, 21, 21) and k21.sum().item() == pytest.approx(1.0)
     assert torch.equal(k21[0, 5:16, 5:16], k11[0])
     with pytest.raises(BlindSRError):
-        blinddiff._fit_kernel(torch.ones(1, 10, 10), 21)
+        fit_kernel(torch.ones(1, 10, 10), 21)
 
 
 # ------------------------------------------------------------------------------------------------ Algorithm 2
@@ -254,7 +257,7 @@ def test_load_pipeline_sidecar_and_official_inference(pipe, tmp_path):
     torch.save({"params_ema": sd}, tmp_path / "net.pth")
     inferred = load_pipeline(tmp_path / "net.pth")  # no config: inferred from the weights
     assert inferred.model.config == pipe.model.config
-    cfg = {"model": pipe.model.config.to_dict(), "blinddiff": {"sample_steps": 7}}
+    cfg = {"model": to_dict(pipe.model.config), "blinddiff": {"sample_steps": 7}}
     (tmp_path / "net.json").write_text(json.dumps(cfg))
     assert load_pipeline(tmp_path / "net.pth").config.sample_steps == 7
     # safetensors metadata + a sidecar: the sidecar's sampling defaults win, the rest comes from the metadata
@@ -267,7 +270,7 @@ def test_load_pipeline_sidecar_and_official_inference(pipe, tmp_path):
 def test_load_pipeline_errors(tmp_path, monkeypatch):
     with pytest.raises(WeightsError, match="checkpoint not found"):
         load_pipeline(tmp_path / "missing.safetensors")
-    monkeypatch.setattr(blinddiff, "default_model_path", lambda: tmp_path / "nope.safetensors")
+    monkeypatch.setattr(blinddiff.pipeline, "default_model_path", lambda: tmp_path / "nope.safetensors")
     with pytest.raises(WeightsError, match="default BlindDiff model is not installed"):
         load_pipeline()
     (tmp_path / "bad.json").write_text("{")
@@ -296,7 +299,7 @@ class _Oracle(torch.nn.Module):
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
 def test_prediction_targets_and_sampler_contract(prediction):
     cfg = BlindDiffConfig(prediction=prediction)
-    train, base = cfg.train_diffusion(), cfg.sample_diffusion(1000)
+    train, base = cfg.train_diffusion(), cfg.base_diffusion()
     hr, lr, _ = _batch()
     g = gen(3)
     t = torch.randint(0, train.num_timesteps, (2,), generator=g)
@@ -307,17 +310,19 @@ def test_prediction_targets_and_sampler_contract(prediction):
     terms = training_losses(oracle, train, hr, lr, None, generator=gen(3), prediction=prediction,
                             cfg=BlindDiffLossConfig(kernel_weight=0, learn_sigma=False))
     assert terms["mse"].item() < 1e-9
-    # the pipeline hands the samplers eps, whatever the network predicts: x0 from that eps is the oracle's x0
+    # the pipeline hands the sampling loop the raw prediction and its kind; split gives the oracle's eps and x0
     pipe = BlindDiffPipeline(oracle, cfg)
-    eps = pipe.model_fn(lr)(x_t, train.original_t(t)).eps
+    out = pipe.model_fn(lr)(x_t, train.original_t(t))
+    assert out.kind == prediction
+    eps, x0 = split(out.pred, out.kind, x_t, train.abar(t, x_t))
     torch.testing.assert_close(eps, noise, atol=2e-4, rtol=0)
-    torch.testing.assert_close(train.x0_from_eps(x_t, t, eps), hr, atol=2e-3, rtol=0)
+    torch.testing.assert_close(x0, hr, atol=2e-3, rtol=0)
 
 
 def test_prediction_x0_wrong_target_is_penalised_and_bad_names_fail():
     hr, lr, _ = _batch()
     cfg = BlindDiffConfig(prediction="x0")
-    oracle = _Oracle(cfg.sample_diffusion(1000), "eps", hr, torch.zeros_like(hr))  # predicts 0 where x0 = hr
+    oracle = _Oracle(cfg.base_diffusion(), "eps", hr, torch.zeros_like(hr))  # predicts 0 where x0 = hr
     terms = training_losses(oracle, cfg.train_diffusion(), hr, lr, None, generator=gen(0), prediction="x0",
                             cfg=BlindDiffLossConfig(kernel_weight=0, learn_sigma=False))
     torch.testing.assert_close(terms["mse"], (hr**2).mean())

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from blindsr.config import to_dict
 from blindsr.degradations.kernels import gaussian_kernel
 from blindsr.errors import BlindSRError
 from blindsr.methods.blinddiff import BlindDiffConfig, degrade, training_losses
+from blindsr.methods.blinddiff.recipe import blinddiff_recipe
 from blindsr.models.mcformer import MCFormer, MCFormerConfig, count_parameters, infer_config
 from blindsr.train.config import RunConfig, from_dict
-from blindsr.train.recipes import blinddiff_recipe
 
 
 def _smooth_hr(b: int, size: int, seed: int) -> torch.Tensor:
@@ -60,7 +61,7 @@ def test_overfit_loss_falls():
 # ---- "w/o modulation" ablation -----------------------------------------------------------------------------------
 def test_modulation_off_forward_and_training_step():
     cfg = MCFormerConfig.tiny(modulation=False)
-    assert MCFormerConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert MCFormerConfig.from_official(json.loads(json.dumps(to_dict(cfg)))) == cfg
     torch.manual_seed(0)
     model = MCFormer(cfg)
     sd = model.state_dict()
@@ -107,11 +108,11 @@ def _run_config(hr_folder: Path, tmp_path: Path, **model) -> RunConfig:
 
 def test_paper_variant_recipe_fits_pca_and_round_trips(hr_folder, tmp_path):
     from blindsr.degradations.pca import fit_random_pca
-    from blindsr.train.recipes import run_training
+    from blindsr.train.run import run_training
 
     cfg = _run_config(hr_folder, tmp_path, variant="paper", pca_kernels=500)
     recipe = blinddiff_recipe(cfg)
-    model = recipe.model
+    model = recipe.modules["model"]
     assert model.config.variant == "paper" and recipe.config.model["pca_kernels"] == 500
     assert recipe.config.loss["kernel_loss"] == "l1"
     # the basis is that of the setting-2 kernels (aniso, sigma in [0.6, 5], disturbed), mean included
@@ -122,9 +123,9 @@ def test_paper_variant_recipe_fits_pca_and_round_trips(hr_folder, tmp_path):
     iso = fit_random_pca(500, 10, 21, 0.2, 4.0, 1.0, False, generator=torch.Generator().manual_seed(1))
     span = model.pca_basis @ model.pca_basis.T  # projector onto the fitted subspace
     assert (span @ ref.matrix).norm() / ref.matrix.norm() > (span @ iso.matrix).norm() / iso.matrix.norm()
-    again = blinddiff_recipe(cfg).model  # seeded from the run seed: a resumed run refits the same basis
+    again = blinddiff_recipe(cfg).modules["model"]  # seeded from the run seed: a resumed run refits the same basis
     assert torch.equal(again.pca_basis, model.pca_basis)
-    out = recipe.loss_fn(model, torch.rand(2, 3, 32, 32), torch.Generator().manual_seed(0))
+    out = recipe.steps[0].loss_fn(recipe.modules, torch.rand(2, 3, 32, 32), torch.Generator().manual_seed(0), 0)
     assert torch.isfinite(out["loss"]) and "kernel" in out
 
     result = run_training(cfg, device="cpu", progress=False)  # one step, export final.safetensors
@@ -151,7 +152,7 @@ def test_paper_variant_recipe_errors(hr_folder, tmp_path):
 
 def test_modulation_off_passes_through_the_config(hr_folder, tmp_path):
     recipe = blinddiff_recipe(_run_config(hr_folder, tmp_path, modulation=False))
-    assert recipe.model.config.modulation is False and recipe.config.model["modulation"] is False
+    assert recipe.modules["model"].config.modulation is False and recipe.config.model["modulation"] is False
     assert json.loads(recipe.export_metadata["config"])["model"]["modulation"] is False
 
 
@@ -160,7 +161,7 @@ def test_init_from_starts_training_from_given_weights(hr_folder, tmp_path):
 
     from blindsr.errors import WeightsError
     from blindsr.io.weights import load_state_dict
-    from blindsr.train.recipes import run_training
+    from blindsr.train.run import run_training
 
     torch.manual_seed(123)  # not the run's seed: different from what the recipe would initialise
     init = MCFormer(MCFormerConfig.tiny()).state_dict()
@@ -183,5 +184,5 @@ def test_x0_prediction_passes_through_the_recipe(hr_folder, tmp_path):
     recipe = blinddiff_recipe(cfg)
     assert json.loads(recipe.export_metadata["config"])["blinddiff"]["prediction"] == "x0"
     hr = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    terms = recipe.loss_fn(recipe.model, hr, torch.Generator().manual_seed(0))
+    terms = recipe.steps[0].loss_fn(recipe.modules, hr, torch.Generator().manual_seed(0), 0)
     assert torch.isfinite(terms["loss"]) and set(terms) == {"mse", "vb", "kernel", "loss"}

@@ -10,11 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from blindsr.cli.degrade import PRESET_NAMES, image_seed
+from blindsr.cli.degrade import image_seed
 from blindsr.cli.main import main
 from blindsr.degradations import operators as O
 from blindsr.degradations.kernels import gaussian_kernel
-from blindsr.degradations.pipelines import list_presets
 
 
 def png(path) -> torch.Tensor:
@@ -41,10 +40,6 @@ def small_set(set5, tmp_path):
     for name in ("baby.png", "bird.png", "head.png"):
         Image.open(set5 / name).convert("RGB").crop((0, 0, 67, 53)).save(d / name)
     return d
-
-
-def test_preset_names_match_library():
-    assert list(PRESET_NAMES) == list_presets()
 
 
 def test_set5_setting1_end_to_end(set5, tmp_path, capsys):

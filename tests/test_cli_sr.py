@@ -105,7 +105,7 @@ def test_sr_errors(ckpt, tmp_path, capsys, monkeypatch):
     assert main(["sr", str(good), "--ckpt", str(tmp_path / "missing.safetensors"), "-o", str(out)]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
 
-    monkeypatch.setattr(blinddiff, "default_model_path", lambda: tmp_path / "none.safetensors")
+    monkeypatch.setattr(blinddiff.pipeline, "default_model_path", lambda: tmp_path / "none.safetensors")
     assert main(["sr", str(good), "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert "default BlindDiff model is not installed" in err and len(err.strip().splitlines()) == 1

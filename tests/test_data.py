@@ -1,4 +1,5 @@
-"""HR folder dataset: reproducible crops/flips, correct augmentation, resumable sharded sampling, hold-out."""
+"""Datasets: HR folders (reproducible crops/flips, correct augmentation), paired LR/HR folders (aligned crops,
+pairing, errors), unpaired LR/HR (independent, seeded), resumable sharded sampling, hold-out."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from blindsr.data import PairedFolderDataset, UnpairedDataset
 from blindsr.data.datasets import (
     FixedLRSet,
     HRFolderDataset,
@@ -141,3 +143,106 @@ def test_fixed_lr_set_is_fixed(folder):
         assert hra.shape[-2] % 4 == 0 and hra.shape[-1] % 4 == 0 and max(hra.shape[-2:]) <= 32
         assert lra.shape[-2:] == (hra.shape[-2] // 4, hra.shape[-1] // 4)
     assert not torch.equal(a.pairs[0][0], a.pairs[1][0][..., :a.pairs[0][0].shape[-2], :a.pairs[0][0].shape[-1]])
+
+
+def _box_lr(hr: np.ndarray, s: int) -> np.ndarray:
+    """Exact box downsampling (mean of each s x s block), rounded to uint8."""
+    h, w, c = hr.shape
+    return hr.reshape(h // s, s, w // s, s, c).mean((1, 3)).round().astype(np.uint8)
+
+
+@pytest.fixture()
+def pairs(tmp_path) -> tuple[Path, Path]:
+    """hr/ and lr/ (box x4): a.png <-> a.png, sub/b.png <-> sub/b.png, c.png <-> cx4.png (DIV2K naming)."""
+    (tmp_path / "hr" / "sub").mkdir(parents=True)
+    (tmp_path / "lr" / "sub").mkdir(parents=True)
+    for i, (name, lr_name, h, w) in enumerate([("a", "a", 48, 64), ("sub/b", "sub/b", 64, 40), ("c", "cx4", 40, 40)]):
+        hr = _write(tmp_path / "hr" / f"{name}.png", h, w, seed=10 + i)
+        Image.fromarray(_box_lr(hr, 4)).save(tmp_path / "lr" / f"{lr_name}.png")
+    return tmp_path / "lr", tmp_path / "hr"
+
+
+def test_paired_crops_are_aligned_and_share_the_transform(pairs):
+    ds = PairedFolderDataset(*pairs, scale=4, crop=16, seed=0)
+    assert [(lr.name, hr.name) for lr, hr in ds.pairs] == [("a.png", "a.png"), ("cx4.png", "c.png"), ("b.png", "b.png")]
+    seen = set()
+    for epoch in range(12):
+        for i in range(len(ds)):
+            item = ds[(epoch, i)]
+            lr, hr = item["lr"], item["hr"]
+            assert lr.shape == (3, 4, 4) and hr.shape == (3, 16, 16) and lr.dtype == hr.dtype == torch.float32
+            down = torch.nn.functional.avg_pool2d(hr[None] * 255, 4)[0].round()
+            assert torch.equal(down, (lr * 255).round())  # box-downsampled HR crop == LR crop, under any flip
+            found = _locate((lr * 255).round().to(torch.uint8), ds.lr[i])
+            assert len(found) == 1
+            seen.add(found[0])
+    assert len(seen) >= 12  # positions and transforms vary
+
+
+def test_paired_items_are_seeded_by_key(pairs):
+    a, b = PairedFolderDataset(*pairs, crop=16, seed=1), PairedFolderDataset(*pairs, crop=16, seed=1, cache=False)
+    assert all(torch.equal(a[(3, 1)][k], b[(3, 1)][k]) for k in ("lr", "hr"))
+    assert torch.equal(a[1]["hr"], a[(0, 1)]["hr"])
+    assert not torch.equal(a[(3, 1)]["hr"], a[(4, 1)]["hr"])
+    assert not torch.equal(a[(3, 1)]["hr"], PairedFolderDataset(*pairs, crop=16, seed=2)[(3, 1)]["hr"])
+    batch = next(iter(make_loader(a, 2, seed=0)))
+    assert batch["lr"].shape == (2, 3, 4, 4) and batch["hr"].shape == (2, 3, 16, 16)
+
+
+def test_paired_errors_are_one_line(pairs, tmp_path):
+    lr_root, hr_root = pairs
+    for n in range(4):
+        _write(lr_root / f"extra{n}.png", 8, 8, seed=n)
+    with pytest.raises(BlindSRError, match=r"4 LR image\(s\) without an HR partner .*\(extra0.png, extra1.png, "
+                                           r"extra2.png, \.\.\.\)") as e:
+        PairedFolderDataset(lr_root, hr_root, crop=16)
+    assert "\n" not in str(e.value)
+    for n in range(4):
+        (lr_root / f"extra{n}.png").unlink()
+    (lr_root / "sub" / "b.png").unlink()
+    with pytest.raises(BlindSRError, match=r"1 HR image\(s\) without an LR partner .*\(sub/b.png\)"):
+        PairedFolderDataset(lr_root, hr_root, crop=16)
+    _write(lr_root / "sub" / "b.png", 16, 11, seed=0)  # HR is 40 x 64: LR should be 10 x 16
+    with pytest.raises(BlindSRError, match="b.png is 40x64, but its LR .*b.png is 11x16"):
+        PairedFolderDataset(lr_root, hr_root, crop=16)
+    lazy = PairedFolderDataset(lr_root, hr_root, crop=16, cache=False)  # checked when the pair is read
+    with pytest.raises(BlindSRError, match="40x64"):
+        lazy[2]
+    with pytest.raises(BlindSRError, match="smaller than the LR crop 16"):
+        PairedFolderDataset(lr_root, hr_root, crop=64, cache=False)[0]
+    with pytest.raises(BlindSRError, match="multiple of the scale"):
+        PairedFolderDataset(lr_root, hr_root, crop=18)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BlindSRError, match="no images"):
+        PairedFolderDataset(tmp_path / "empty", hr_root)
+
+
+def test_unpaired_hr_is_independent_of_lr_and_seeded(folder, tmp_path):
+    lr_files = sorted(folder.glob("*.png"))
+    other = tmp_path / "other"
+    other.mkdir()
+    other_lr = [other / f"o{i}.png" for i in range(len(lr_files))]
+    for i, f in enumerate(other_lr):
+        _write(f, 20, 20, seed=100 + i)
+    hr_root = tmp_path / "hr"
+    hr_root.mkdir()
+    for j in range(5):  # HR image j has its pixels in [50 j, 50 j + 40]: a crop tells which image it came from
+        arr = np.random.default_rng(j).integers(50 * j, 50 * j + 41, (30, 30, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(hr_root / f"h{j}.png")
+    ds = UnpairedDataset(lr_files, hr_root, lr_crop=8, hr_crop=16, seed=0)
+    assert len(ds) == 4
+    twin = UnpairedDataset(other_lr, hr_root, lr_crop=8, hr_crop=16, seed=0, cache=False)
+    used = []
+    for epoch in range(6):
+        for i in range(len(ds)):
+            item = ds[(epoch, i)]
+            assert item["lr"].shape == (3, 8, 8) and item["hr"].shape == (3, 16, 16)
+            assert torch.equal(item["hr"], twin[(epoch, i)]["hr"])  # the HR side ignores the LR images
+            hr = (item["hr"] * 255).round().to(torch.uint8)
+            used.append(int(hr.min()) // 50)
+            assert int(hr.max()) // 50 == used[-1]
+            if epoch == 0:
+                assert len(_locate((item["lr"] * 255).round().to(torch.uint8), ds.lr[i])) == 1  # LR i, cropped
+    assert set(used) == set(range(5)) and used[:4] != used[4:8]  # random HR images, redrawn every epoch
+    assert torch.equal(ds[(2, 3)]["lr"], ds[(2, 3)]["lr"]) and not torch.equal(ds[(2, 3)]["hr"], ds[(3, 3)]["hr"])
+    assert not torch.equal(ds[(2, 3)]["hr"], UnpairedDataset(lr_files, hr_root, 8, 16, seed=1)[(2, 3)]["hr"])

@@ -9,16 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blindsr.diffusion import colorfix
-from blindsr.diffusion.region_guidance import GuidanceConfig
 from blindsr.diffusion.respace import space_timesteps
-from blindsr.diffusion.vae_tiling import VAETiling, tiled_decode, tiled_encode
+from blindsr.diffusion.samplers import timesteps_for
 from blindsr.errors import BlindSRError, WeightsError
 from blindsr.methods import diffbir as db
-from blindsr.methods.diffbir_sampling import CLDMDenoiser, Schedule, ldm_ddim_timesteps
+from blindsr.methods.diffbir.config import SDProcess
+from blindsr.methods.diffbir.denoiser import CLDMDenoiser
+from blindsr.methods.diffbir.guidance import GuidanceConfig
 from blindsr.models import ircontrolnet as icn
 from blindsr.models import sd
 from blindsr.models.restorers import RRDBNetConfig, SwinIRConfig, build_restorer
+from blindsr.models.sd.vae_tiling import VAETiling, tiled_decode, tiled_encode
+from blindsr.ops import colorfix
 
 
 def load_tiny_cldm(reference_dir):
@@ -52,18 +54,20 @@ def gen(seed: int = 0) -> torch.Generator:
 # ------------------------------------------------------------------------------------------------ presets
 def test_presets_and_schedule():
     v2 = db.DiffBIRConfig.from_preset("v2", "sr")
-    assert (v2.sampler, v2.steps, v2.cfg, v2.pos_prompt, v2.upscale) == ("spaced", 50, 4.0, "", 4)
+    assert (v2.sampler, v2.steps, v2.cfg, v2.pos_prompt, v2.upscale) == ("ddpm", 50, 4.0, "", 4)
     assert v2.neg_prompt == "low quality, blurry, low-resolution, noisy, unsharp, weird textures"
     v1, v21 = db.DiffBIRConfig.from_preset("v1", "face"), db.DiffBIRConfig.from_preset("v2.1", "denoise")
     assert (v1.cfg, v1.upscale, v1.prediction) == (1.0, 1, "eps")
     assert (v21.prediction, v21.zero_snr, v21.sampler, v21.steps) == ("v", True, "dpm++_3m_sde", 10)
-    betas = Schedule().betas()
+    betas = SDProcess().betas()
     assert betas[0].item() == pytest.approx(0.00085) and betas[-1].item() == pytest.approx(0.012)
-    assert Schedule().base().alphas_cumprod[-1].item() == pytest.approx(0.00466, abs=1e-5)
-    assert Schedule(prediction="v", zero_snr=True).base().alphas_cumprod[-1].item() == 0.0
+    assert SDProcess().process().alphas_cumprod[-1].item() == pytest.approx(0.00466, abs=1e-5)
+    assert SDProcess(prediction="v", zero_snr=True).process().alphas_cumprod[-1].item() == 0.0
     spaced = space_timesteps(1000, "50")
     assert spaced[:5] == [0, 20, 41, 61, 82] and spaced[-2:] == [979, 999] and len(spaced) == 50
-    assert ldm_ddim_timesteps(50)[:3] == [1, 21, 41] and ldm_ddim_timesteps(50)[-1] == 981
+    assert timesteps_for("leading", 50, 1000)[:3] == [1, 21, 41] and timesteps_for("leading", 50, 1000)[-1] == 981
+    assert timesteps_for("linspace", 50, 1000) == spaced
+    assert db.DiffBIRConfig.from_preset("v1", "sr", sampler="spaced").sampler == "ddpm"  # the earlier name
     with pytest.raises(BlindSRError, match="v-prediction"):
         db.DiffBIRConfig.from_preset("v2", "sr", zero_snr=True)
     with pytest.raises(BlindSRError, match="sampler"):
@@ -160,10 +164,10 @@ def test_cfg_one_is_the_conditional_path_and_cfg_combines_branches(tiny):
     unet, cn = pipe.sd.unet, pipe.controlnet
     z, t, c_img = ref["z_t"], ref["t"], ref["c_img"]
     with torch.no_grad():
-        cond_only = CLDMDenoiser(unet, cn, c_img, ref["c_txt"])(z, t)
-        cfg1 = CLDMDenoiser(unet, cn, c_img, ref["c_txt"], ref["c_txt_uncond"], cfg=1.0)(z, t)
-        cfg4 = CLDMDenoiser(unet, cn, c_img, ref["c_txt"], ref["c_txt_uncond"], cfg=4.0)(z, t)
-        cfg4_sep = CLDMDenoiser(unet, cn, c_img, ref["c_txt"], ref["c_txt_uncond"], cfg=4.0, batch_cfg=False)(z, t)
+        cond_only = CLDMDenoiser(unet, cn, c_img, ref["c_txt"])(z, t).pred
+        cfg1 = CLDMDenoiser(unet, cn, c_img, ref["c_txt"], ref["c_txt_uncond"], cfg=1.0)(z, t).pred
+        cfg4 = CLDMDenoiser(unet, cn, c_img, ref["c_txt"], ref["c_txt_uncond"], cfg=4.0)(z, t).pred
+        cfg4_sep = CLDMDenoiser(unet, cn, c_img, ref["c_txt"], ref["c_txt_uncond"], cfg=4.0, batch_cfg=False)(z, t).pred
     assert torch.equal(cfg1, cond_only)
     assert torch.allclose(cond_only, ref["eps"], atol=1e-4)  # the official ControlLDM output
     expected = ref["eps_uncond"] + 4 * (ref["eps"] - ref["eps_uncond"])  # same c_img in both branches
@@ -193,9 +197,9 @@ def test_tiled_diffusion_crops_the_condition_with_the_tile(tiny):
     z, c_img = torch.randn(2, 4, 24, 40, generator=g), torch.randn(2, 4, 24, 40, generator=g)
     c_txt, c_unc = torch.randn(2, 77, 8, generator=g), torch.randn(2, 77, 8, generator=g)
     t = torch.tensor([500, 20])
-    whole = CLDMDenoiser(net, ctrl, c_img, c_txt, c_unc, cfg=3.0, strength=0.7)(z, t)
+    whole = CLDMDenoiser(net, ctrl, c_img, c_txt, c_unc, cfg=3.0, strength=0.7)(z, t).pred
     tiles = CLDMDenoiser(net, ctrl, c_img, c_txt, c_unc, cfg=3.0, strength=0.7, tile=16, overlap=8)
-    assert torch.allclose(tiles(z, t), whole, atol=1e-5)
+    assert torch.allclose(tiles(z, t).pred, whole, atol=1e-5)
     assert torch.allclose(whole, 2 * z + 0.7 * c_img, atol=1e-5)
     assert tiles.calls == 8  # 2 x 4 windows, cond + uncond batched
 

@@ -12,9 +12,9 @@ import torch
 
 from blindsr.cli.main import main
 from blindsr.io.weights import load_safetensors_metadata
+from blindsr.methods.diffbir import recipe as dr
 from blindsr.models import ircontrolnet as icn
 from blindsr.models.restorers import RRDBNetConfig, SwinIRConfig, build_restorer, load_restorer
-from blindsr.train import diffbir_recipes as dr
 from blindsr.train.logging import read_csv
 
 REPO = Path(__file__).resolve().parents[1]

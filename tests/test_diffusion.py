@@ -9,10 +9,13 @@ import torch
 
 from blindsr.diffusion import gaussian, schedules
 from blindsr.diffusion.gaussian import GaussianDiffusion, hybrid_loss
+from blindsr.diffusion.parameterization import split, target
 from blindsr.diffusion.respace import make_diffusion, respaced, space_timesteps
-from blindsr.diffusion.samplers import GuidanceResult, ModelOutput, ddim_sample, ddpm_sample, randn
-from blindsr.diffusion.tiling import pad_to_multiple, tile_boxes, tiled
+from blindsr.diffusion.samplers import DDIMStepper, DDPMStepper, GuidanceResult, ModelOutput, randn, sample
+from blindsr.diffusion.tiling import tiled
 from blindsr.errors import BlindSRError
+from blindsr.ops.resize import pad_to_multiple
+from blindsr.ops.tiling import tile_boxes
 
 
 def gen(seed: int) -> torch.Generator:
@@ -62,15 +65,29 @@ def diff() -> GaussianDiffusion:
     return make_diffusion(1000, "linear")
 
 
-def test_eps_x0_v_round_trips(diff):
+@pytest.mark.parametrize("kind", ["eps", "x0", "v"])
+def test_split_inverts_target(diff, kind):
+    """split(target(kind, x0, eps)) == (eps, x0) for every parameterisation."""
     x0, eps = torch.randn(4, 3, 5, 5, generator=gen(0)), torch.randn(4, 3, 5, 5, generator=gen(1))
-    t = torch.tensor([0, 10, 500, 999])
+    t = torch.tensor([0, 10, 500, 998])
     x_t = diff.q_sample(x0, t, eps)
-    torch.testing.assert_close(diff.x0_from_eps(x_t, t, eps), x0, atol=2e-4, rtol=1e-4)  # 1/sqrt(abar_999)=156
-    torch.testing.assert_close(diff.eps_from_x0(x_t, t, x0), eps, atol=1e-5, rtol=1e-5)
-    v = diff.v_from_eps_x0(eps, x0, t)
-    torch.testing.assert_close(diff.x0_from_v(x_t, t, v), x0, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(diff.eps_from_v(x_t, t, v), eps, atol=1e-5, rtol=1e-5)
+    abar = diff.abar(t, x_t)
+    eps_hat, x0_hat = split(target(kind, x0, eps, abar), kind, x_t, abar)
+    # eps -> x0 divides by sqrt(abar_998) (1/150), x0 -> eps by sqrt(1 - abar_0) (1/0.01)
+    tol = {"eps": 2e-4, "x0": 1e-3, "v": 1e-5}[kind]
+    torch.testing.assert_close(x0_hat, x0, atol=tol, rtol=1e-4)
+    torch.testing.assert_close(eps_hat, eps, atol=tol, rtol=1e-4)
+
+
+def test_split_is_exact_at_zero_terminal_snr():
+    """v at alpha_bar = 0: x0 = -v and eps = x_t, without dividing by zero (Lin et al. 2024)."""
+    z = make_diffusion(1000, "scaled_linear", zero_terminal_snr=True)
+    t = torch.tensor([999])
+    x_t, v = torch.randn(1, 4, 3, 3, generator=gen(0)), torch.randn(1, 4, 3, 3, generator=gen(1))
+    eps, x0 = split(v, "v", x_t, z.abar(t, x_t))
+    assert torch.equal(x0, -v) and torch.equal(eps, x_t)
+    with pytest.raises(BlindSRError, match="prediction"):
+        split(v, "score", x_t, z.abar(t, x_t))
 
 
 def test_posterior_matches_gaussian_product(diff):
@@ -116,7 +133,7 @@ def test_hybrid_loss_vb_against_hand_computation(bins):
     eps_hat = (noise + 0.3).requires_grad_()
     v = torch.tensor([-0.5, 0.2, 0.9, -1.0], dtype=torch.float64).view(1, 1, 2, 2).repeat(2, 1, 1, 1)
     v.requires_grad_()
-    terms = hybrid_loss(d, eps_hat, v, noise, x0, x_t, t, bins=bins)
+    terms = hybrid_loss(d, eps_hat, "eps", v, noise, x0, x_t, t, bins=bins)
     assert terms["mse"].detach().tolist() == pytest.approx([0.09, 0.09])
     half, lo, hi = gaussian.NLL_BINS[bins]
     for i, ti in enumerate(t.tolist()):
@@ -194,7 +211,7 @@ class ToyDenoiser(torch.nn.Module):
         h = torch.einsum("oc,bchw->bohw", self.w, x) * (1 + tt)
         eps = torch.tanh(h) + 0.1 * x
         var = torch.tanh(h.flip(1) + self.s.view(1, 3, 1, 1))
-        return ModelOutput(eps=eps, var_values=var, extras={"kernel": torch.softmax(x.mean((2, 3)), 1) + tt[:, 0, 0]})
+        return ModelOutput(pred=eps, var_values=var, extras={"kernel": torch.softmax(x.mean((2, 3)), 1) + tt[:, 0, 0]})
 
 
 @pytest.fixture(scope="module")
@@ -209,8 +226,8 @@ def test_same_seed_same_output(toy, sampler):
     def run(seed):
         x_T = randn((2, 3, 8, 8), gen(seed))
         if sampler == "ddpm":
-            return ddpm_sample(toy, x_T, d, gen(seed))
-        return ddim_sample(toy, x_T, d, gen(seed), eta=1.0)
+            return sample(toy, x_T, DDPMStepper(d), gen(seed))
+        return sample(toy, x_T, DDIMStepper(d, eta=1.0), gen(seed))
     a, b, c = run(0), run(0), run(1)
     assert torch.equal(a, b)
     assert (a - c).abs().max() > 0.1
@@ -219,8 +236,8 @@ def test_same_seed_same_output(toy, sampler):
 def test_ddim_eta0_is_deterministic(toy):
     d = make_diffusion(1000, "linear", "ddim10")
     x_T = randn((1, 3, 8, 8), gen(0))
-    a = ddim_sample(toy, x_T, d, gen(1), eta=0.0)
-    b = ddim_sample(toy, x_T, d, gen(99), eta=0.0)
+    a = sample(toy, x_T, DDIMStepper(d), gen(1))
+    b = sample(toy, x_T, DDIMStepper(d), gen(99))
     assert torch.equal(a, b) and torch.isfinite(a).all()
 
 
@@ -229,10 +246,10 @@ def test_batch_of_two_equals_two_single_runs(toy, var_type):
     d = make_diffusion(1000, "linear", "10")
     gens = [gen(3), gen(4)]
     x_T = randn((2, 3, 8, 8), gens)
-    batch = ddpm_sample(toy, x_T, d, gens, var_type=var_type)
+    batch = sample(toy, x_T, DDPMStepper(d, var_type), gens)
     for i, seed in enumerate([3, 4]):
         g = gen(seed)
-        single = ddpm_sample(toy, randn((1, 3, 8, 8), [g]), d, [g], var_type=var_type)
+        single = sample(toy, randn((1, 3, 8, 8), [g]), DDPMStepper(d, var_type), [g])
         torch.testing.assert_close(batch[i:i + 1], single, atol=1e-5, rtol=1e-5)
 
 
@@ -242,8 +259,8 @@ def test_model_receives_original_timesteps():
 
     def fn(x, t):
         seen.append(t.tolist())
-        return ModelOutput(eps=torch.zeros_like(x))
-    ddim_sample(fn, torch.zeros(2, 1, 2, 2), d)
+        return ModelOutput(pred=torch.zeros_like(x))
+    sample(fn, torch.zeros(2, 1, 2, 2), DDIMStepper(d))
     assert seen == [[800, 800], [600, 600], [400, 400], [200, 200], [0, 0]]
 
 
@@ -257,8 +274,8 @@ def test_guidance_can_replace_x0():
     guidance.needs_grad = False
 
     def fn(x, t):
-        return ModelOutput(eps=torch.randn_like(x), extras={"tag": 7})
-    out = ddpm_sample(fn, randn((1, 3, 4, 4), gen(1)), d, gen(2), var_type="fixed_small", guidance=guidance)
+        return ModelOutput(pred=torch.randn_like(x), extras={"tag": 7})
+    out = sample(fn, randn((1, 3, 4, 4), gen(1)), DDPMStepper(d, "fixed_small"), gen(2), guidance=guidance)
     torch.testing.assert_close(out, target)  # at t = 0 the posterior mean is x0
 
 
@@ -268,14 +285,14 @@ def test_dps_gradient_flows_through_the_network():
     w = torch.tensor(0.7)
 
     def fn(x, t):
-        return ModelOutput(eps=w * x)
+        return ModelOutput(pred=w * x)
     target = torch.full((2, 1, 2, 2), 0.25)
     scale = torch.tensor([0.5, 2.0])
 
     def guidance(state):
         return GuidanceResult(loss=((state.x0 - target) ** 2).flatten(1).sum(1), scale=scale)
     x = torch.randn(2, 1, 2, 2, generator=gen(0))
-    out = ddpm_sample(fn, x, d, gen(0), var_type="fixed_small", guidance=guidance, t_start=0)
+    out = sample(fn, x, DDPMStepper(d, "fixed_small", t_start=0), gen(0), guidance=guidance)
     abar = d.alphas_cumprod[0].item()
     c = (1 - math.sqrt(1 - abar) * 0.7) / math.sqrt(abar)  # x0_hat = c * x_t
     want = c * x - scale.view(2, 1, 1, 1) * 2 * (c * x - target) * c
@@ -293,8 +310,8 @@ def test_no_grad_when_guidance_does_not_need_it(toy):
         return None
     g.needs_grad = False
     d = make_diffusion(1000, "linear", "3")
-    ddpm_sample(fn, torch.zeros(1, 3, 4, 4), d, gen(0), guidance=g)
-    ddpm_sample(fn, torch.zeros(1, 3, 4, 4), d, gen(0))
+    sample(fn, torch.zeros(1, 3, 4, 4), DDPMStepper(d), gen(0), guidance=g)
+    sample(fn, torch.zeros(1, 3, 4, 4), DDPMStepper(d), gen(0))
     assert flags == [(False, False)] * 6
 
 
@@ -325,17 +342,17 @@ def test_tile_boxes_cover_and_align():
 def test_tile_covering_the_image_equals_untiled(toy):
     x, t = torch.randn(2, 3, 16, 16, generator=gen(0)), torch.tensor([10, 900])
     a, b = toy(x, t), tiled(toy, tile=64, overlap=8)(x, t)
-    assert torch.equal(a.eps, b.eps) and torch.equal(a.var_values, b.var_values)
+    assert torch.equal(a.pred, b.pred) and torch.equal(a.var_values, b.var_values)
     assert torch.equal(a.extras["kernel"], b.extras["kernel"])
 
 
 def test_tiled_matches_untiled_for_a_translation_equivariant_model(toy):
     def pointwise(x, t):  # exactly translation-equivariant, constant global extra
         out = toy(x, t)
-        return ModelOutput(out.eps, out.var_values, {"kernel": torch.ones(x.shape[0], 4) * t.view(-1, 1)})
+        return ModelOutput(out.pred, "eps", out.var_values, {"kernel": torch.ones(x.shape[0], 4) * t.view(-1, 1)})
     x, t = torch.randn(2, 3, 40, 56, generator=gen(0)), torch.tensor([10, 900])
     a, b = pointwise(x, t), tiled(pointwise, tile=24, overlap=8)(x, t)
-    torch.testing.assert_close(b.eps, a.eps, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(b.pred, a.pred, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(b.var_values, a.var_values, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(b.extras["kernel"], a.extras["kernel"])  # shares sum to one
 
@@ -345,7 +362,7 @@ def test_tiled_blends_global_extras_by_tile_share():
 
     def fn(x, t, box):
         calls.append(box)
-        return ModelOutput(torch.zeros_like(x), None, {"k": torch.full((x.shape[0], 1), float(box.left))})
+        return ModelOutput(torch.zeros_like(x), "eps", None, {"k": torch.full((x.shape[0], 1), float(box.left))})
     out = tiled(fn, tile=16, overlap=8, pass_box=True)(torch.zeros(1, 1, 16, 32), torch.zeros(1))
     assert [b.left for b in calls] == [0, 8, 16]
     # symmetric layout: the middle tile's share is interior, outer tiles mirror -> mean left offset = 8
@@ -356,8 +373,8 @@ def test_tiled_blends_global_extras_by_tile_share():
 def test_guidance_gradient_flows_through_every_tile(toy, checkpoint):
     x = torch.randn(1, 3, 32, 32, generator=gen(0), requires_grad=True)
     t = torch.tensor([500])
-    (g_full,) = torch.autograd.grad(toy(x, t).eps.square().sum(), x)
+    (g_full,) = torch.autograd.grad(toy(x, t).pred.square().sum(), x)
     out = tiled(toy, tile=16, overlap=8, checkpoint=checkpoint)(x, t)
-    (g_tiled,) = torch.autograd.grad(out.eps.square().sum(), x)
+    (g_tiled,) = torch.autograd.grad(out.pred.square().sum(), x)
     torch.testing.assert_close(g_tiled, g_full, atol=1e-5, rtol=1e-4)
     assert (g_full != 0).all()

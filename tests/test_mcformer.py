@@ -9,6 +9,7 @@ from importlib import resources
 import pytest
 import torch
 
+from blindsr.config import to_dict
 from blindsr.errors import BlindSRError, WeightsError
 from blindsr.models.mcformer import MCFormer, MCFormerConfig, count_parameters, infer_config, load_official
 
@@ -22,7 +23,7 @@ def ref(reference_dir):
 
 @pytest.fixture(scope="module")
 def tiny(ref) -> MCFormer:
-    model = MCFormer(MCFormerConfig.from_dict(ref["config"])).eval()
+    model = MCFormer(MCFormerConfig.from_official(ref["config"])).eval()
     model.load_state_dict(ref["state_dict"], strict=True)
     return model
 
@@ -62,7 +63,7 @@ def test_tiny_fixture_fp32_and_intermediates(ref, tiny):
 
 
 def test_tiny_fixture_fp64(ref):
-    model = MCFormer(MCFormerConfig.from_dict(ref["config"])).double().eval()
+    model = MCFormer(MCFormerConfig.from_official(ref["config"])).double().eval()
     model.load_state_dict(ref["state_dict"], strict=True)
     with torch.no_grad():
         out, kernel = model(ref["x_t"].double(), ref["t"].double(), ref["cond"].double())
@@ -103,15 +104,15 @@ def test_full_config_keys_and_param_count(reference_dir):
 
 def test_config_dict_roundtrip_and_official_names(ref):
     full = MCFormerConfig.full()
-    assert MCFormerConfig.from_dict(json.loads(json.dumps(full.to_dict()))) == full
-    tiny = MCFormerConfig.from_dict(ref["config"])  # official kwarg names (inp_channels, LayerNorm_type, ...)
+    assert MCFormerConfig.from_official(json.loads(json.dumps(to_dict(full)))) == full
+    tiny = MCFormerConfig.from_official(ref["config"])  # official kwarg names (inp_channels, LayerNorm_type, ...)
     assert tiny == MCFormerConfig.tiny() and tiny.learn_sigma
     shipped = json.loads(resources.files("blindsr").joinpath("configs/mcformer_full.json").read_text())
-    assert MCFormerConfig.from_dict(shipped) == full
+    assert MCFormerConfig.from_official(shipped) == full
     with pytest.raises(BlindSRError, match="unknown key"):
-        MCFormerConfig.from_dict({"dimm": 4})
+        MCFormerConfig.from_official({"dimm": 4})
     with pytest.raises(BlindSRError, match="dual_pixel_task"):
-        MCFormerConfig.from_dict({"dual_pixel_task": True})
+        MCFormerConfig.from_official({"dual_pixel_task": True})
 
 
 # ---- 3./4. loading -----------------------------------------------------------------------------------------------
@@ -238,4 +239,4 @@ def test_modulation_off_full_layout_and_inference():
     assert list(sd) == [k for k in full if k not in dropped] and len(dropped) == 2 * 32 + 8  # 32 blocks
     assert count_parameters(model) == 25_206_355  # 26,509,267 - 1,260,672 (modulation) - 42,240 (t/k MLPs)
     assert infer_config(sd) == MCFormerConfig.full(modulation=False)
-    assert MCFormerConfig.full().to_dict()["modulation"] is True
+    assert to_dict(MCFormerConfig.full())["modulation"] is True

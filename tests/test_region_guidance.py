@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blindsr.diffusion import region_guidance as rg
 from blindsr.errors import BlindSRError
+from blindsr.methods.diffbir import guidance as rg
 
 
 @pytest.fixture(scope="module")

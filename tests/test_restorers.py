@@ -18,11 +18,9 @@ from blindsr.models.restorers import (
     SCUNetConfig,
     SwinIR,
     SwinIRConfig,
-    blend_weights,
     build_restorer,
     load_restorer,
     restore_tiled,
-    tile_starts,
 )
 from blindsr.models.restorers import rrdbnet as rrdb_mod
 from blindsr.models.restorers.scunet import Block as SCUNetBlock
@@ -33,6 +31,7 @@ from blindsr.models.restorers.swinir import (
     window_partition,
     window_reverse,
 )
+from blindsr.ops.tiling import Box, gaussian_window, ramp_window, tile_starts
 
 # (kind, dump file, state-dict entries, their total size incl. buffers, parameters only)
 FULL = [("swinir", "swinir", 732, 22_280_651, 15_792_587),
@@ -298,16 +297,22 @@ def test_tile_starts_cover_and_end_flush():
     assert tile_starts(30, 40, 30) == [0]
 
 
-def test_blend_weights():
-    g = blend_weights(16, 16, "gaussian")
+def test_blend_windows():
+    g = gaussian_window(16, 16, sigma=0.1)
     assert (g > 0).all() and g[7:9, 7:9].min() == g.max()
-    lin = blend_weights(10, 10, "linear", overlap=3)
-    assert lin[0, 5] == pytest.approx(0.25) and lin[5, 5] == 1 and (lin > 0).all()
+    # DiffBIR's official tile weights: exp(-(i - (n-1)/2)^2 / n^2 / (2 * 0.01)), up to a constant factor
+    i = torch.arange(16, dtype=torch.float64)
+    official = torch.exp(-((i - 7.5) ** 2) / 16**2 / 0.02)
+    torch.testing.assert_close(g.double(), (official[:, None] * official[None, :]), rtol=1e-6, atol=0)
+    # a ramp only on the sides that border another window: a box at the left border of a 30-wide grid
+    lin = ramp_window(Box(5, 0, 10, 10), (30, 30), 3)
+    assert lin[0, 5] == pytest.approx(0.25) and lin[5, 0] == 1 and lin[5, 9] == pytest.approx(0.25)
+    assert lin[5, 5] == 1 and (lin > 0).all()
     with pytest.raises(BlindSRError):
-        blend_weights(4, 4, "cosine")
+        restore_tiled(lambda t: t, torch.rand(1, 3, 40, 40), tile=16, overlap=4, window="cosine")
 
 
-@pytest.mark.parametrize("blend", ["gaussian", "linear"])
+@pytest.mark.parametrize("blend", ["gaussian", "ramp"])
 @pytest.mark.parametrize("scale", [1, 4])
 def test_restore_tiled_equals_full_for_local_models(blend, scale):
     """A per-pixel model tiled with overlap gives exactly the untiled result, at x1 and x4."""
@@ -315,9 +320,9 @@ def test_restore_tiled_equals_full_for_local_models(blend, scale):
         return F.interpolate(t * 0.5 + t ** 2, scale_factor=scale, mode="nearest")
 
     x = torch.rand(2, 3, 45, 70)
-    out = restore_tiled(model, x, tile=32, overlap=8, blend=blend)
+    out = restore_tiled(model, x, tile=32, overlap=8, window=blend)
     torch.testing.assert_close(out, model(x), atol=1e-6, rtol=1e-5)
-    single = restore_tiled(model, x[0], tile=32, overlap=8, blend=blend)
+    single = restore_tiled(model, x[0], tile=32, overlap=8, window=blend)
     assert single.shape == (3, 45 * scale, 70 * scale)
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from blindsr.errors import BlindSRError, WeightsError
-from blindsr.models import clip_tokenizer as ct
 from blindsr.models import ircontrolnet as icn
 from blindsr.models import sd
+from blindsr.models.sd import tokenizer as ct
 
 OFFICIAL = {"unet": 865_910_724, "vae": 83_653_863, "clip": 354_032_641}
 

@@ -1,4 +1,5 @@
-"""The generic trainer on a tiny stand-in (a 3x3 conv denoiser): learning, EMA, checkpoints, exact resume."""
+"""The generic trainer on a tiny stand-in (a 3x3 conv denoiser, ``Trainer.single``): learning, EMA, checkpoints
+(format 2 and the old format 1), exact resume, argument checks."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from blindsr.train import checkpoint as ckpt_io
 from blindsr.train.config import OptimConfig, TrainConfig
 from blindsr.train.ema import EMA
 from blindsr.train.logging import plot_losses, read_csv
-from blindsr.train.trainer import Trainer, lr_at
+from blindsr.train.trainer import SubStep, Trainer, lr_at
 
 
 class Denoiser(torch.nn.Module):
@@ -50,7 +51,7 @@ def dataset(tmp_path_factory):
 def _trainer(dataset, run_dir, steps, **train_kw):
     cfg = TrainConfig(max_steps=steps, log_every=1, ckpt_every=0, val_every=0, **train_kw)
     optim = OptimConfig(lr=1e-2, milestones=[4], gamma=0.5)
-    return Trainer(Denoiser(), denoise_loss, dataset, run_dir, train=cfg, optim=optim, batch_size=2,
+    return Trainer.single(Denoiser(), denoise_loss, dataset, run_dir, train=cfg, optim=optim, batch_size=2,
                    device="cpu", export_metadata={"method": "test"}, progress=False)
 
 
@@ -59,7 +60,7 @@ def test_loss_falls_on_overfit(tmp_path):
     Image.fromarray((arr * 255).astype(np.uint8)).save(tmp_path / "one.png")
     ds = HRFolderDataset(tmp_path, crop=16, scale=4, flip=False, rot=False)
     cfg = TrainConfig(max_steps=100, log_every=10, ckpt_every=0, val_every=0, ema_decay=0.9)
-    res = Trainer(Denoiser(), denoise_loss, ds, tmp_path / "run", train=cfg, optim=OptimConfig(lr=3e-3),
+    res = Trainer.single(Denoiser(), denoise_loss, ds, tmp_path / "run", train=cfg, optim=OptimConfig(lr=3e-3),
                   batch_size=4, device="cpu", progress=False).fit()
     losses = [h["loss"] for h in res.history]
     assert len(losses) == 100 and all(math.isfinite(v) for v in losses)
@@ -107,18 +108,39 @@ def test_resume_reproduces_losses_exactly(dataset, tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_format_1_checkpoint_resumes_exactly(dataset, tmp_path):
+    """A checkpoint in the old one-model layout resumes like the format-2 one it was made from."""
+    import shutil
+
+    full = _trainer(dataset, tmp_path / "a", 6).fit()
+    first = _trainer(dataset, tmp_path / "b", 3).fit()
+    ckpt = ckpt_io.checkpoint_dir(tmp_path / "b", 3)
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    old = {k: v for k, v in state.items() if k not in ("format", "modules", "optimizers", "guard")}
+    torch.save({**old, "format": 1, "optimizer": state["optimizers"]["model"], "last_loss": state["guard"]["main"]},
+               ckpt / "state.pt")
+    shutil.move(ckpt / "model.ema.safetensors", ckpt / "ema.safetensors")
+    second = _trainer(dataset, tmp_path / "b", 6).fit(resume="auto")
+    assert [h["loss"] for h in full.history] == [h["loss"] for h in first.history + second.history]
+    wa, wb = ckpt_io.load_weights(full.final), ckpt_io.load_weights(second.final)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_checkpoint_round_trip(dataset, tmp_path):
     tr = _trainer(dataset, tmp_path, 4, ema_decay=0.5)
     tr.cfg.ckpt_every, tr.cfg.keep_checkpoints = 2, 1
     res = tr.fit()
     assert [s for s, _ in ckpt_io.list_checkpoints(tmp_path)] == [4]  # step 2 pruned
-    model_sd, ema_sd, state = ckpt_io.load_checkpoint(ckpt_io.checkpoint_dir(tmp_path, 4))
-    live = tr.accelerator.unwrap_model(tr.model).state_dict()
+    ckpt = ckpt_io.load_checkpoint(ckpt_io.checkpoint_dir(tmp_path, 4))
+    assert sorted(p.name for p in ckpt.path.iterdir()) == ["model.ema.safetensors", "model.safetensors", "state.pt"]
+    model_sd, ema_sd, state = ckpt.weights["model"], ckpt.ema["model"], ckpt.state
+    live = tr.accelerator.unwrap_model(tr.modules["model"]).state_dict()
     assert all(torch.equal(model_sd[k], live[k]) for k in live)
     assert model_sd["calls"].item() == 4  # buffers too: one forward per step
     assert all(torch.equal(ema_sd[k], v) for k, v in ckpt_io.load_weights(res.final).items())
     assert not torch.equal(ema_sd["conv.weight"], model_sd["conv.weight"])
-    assert state["step"] == 4 and state["optimizer"]["state"] and state["last_loss"] == res.history[-1]["loss"]
+    assert state["step"] == 4 and state["optimizers"]["model"]["state"]
+    assert state["format"] == 2 and state["modules"] == ["model"] and state["guard"] == {"main": res.history[-1]["loss"]}
     from safetensors import safe_open
     with safe_open(str(res.final), "pt") as f:
         assert f.metadata() == {"method": "test", "step": "4"}
@@ -136,10 +158,10 @@ def test_skip_guard_skips_exploding_and_nan_steps(dataset, tmp_path):
         return {k: v * factor for k, v in terms.items()}
 
     cfg = TrainConfig(max_steps=6, log_every=1, ckpt_every=0, val_every=0)
-    tr = Trainer(Denoiser(), loss_fn, dataset, tmp_path, train=cfg, batch_size=2, device="cpu", progress=False)
+    tr = Trainer.single(Denoiser(), loss_fn, dataset, tmp_path, train=cfg, batch_size=2, device="cpu", progress=False)
     res = tr.fit()
     assert [h["skipped"] for h in res.history] == [0, 0, 1, 0, 1, 0]
-    assert tr.last_loss == res.history[-1]["loss"]
+    assert tr.last_loss == {"main": res.history[-1]["loss"]}
 
 
 def test_bf16_autocast_on_cpu(dataset, tmp_path):
@@ -150,7 +172,7 @@ def test_bf16_autocast_on_cpu(dataset, tmp_path):
         return denoise_loss(model, hr, generator)
 
     cfg = TrainConfig(max_steps=2, log_every=1, ckpt_every=0, val_every=0, mixed_precision="bf16")
-    res = Trainer(Denoiser(), loss_fn, dataset, tmp_path, train=cfg, optim=OptimConfig(grad_clip=0.1),
+    res = Trainer.single(Denoiser(), loss_fn, dataset, tmp_path, train=cfg, optim=OptimConfig(grad_clip=0.1),
                   batch_size=2, device="cpu", progress=False).fit()
     assert seen == [(True, torch.bfloat16)] * 2 and all(math.isfinite(h["loss"]) for h in res.history)
 
@@ -170,7 +192,7 @@ def test_validate_fn_runs_on_ema(dataset, tmp_path):
     tr = _trainer(dataset, tmp_path, 4)
     tr.cfg.val_every, tr.validate_fn = 2, validate
     res = tr.fit()
-    assert all(m is tr.ema.model for m in got) and len(got) == 2
+    assert all(m is tr.emas["model"].model for m in got) and len(got) == 2
     assert [r["step"] for r in read_csv(tmp_path / "val.csv")] == ["2", "4"]
     assert res.validation[-1] == {"step": 4, "psnr": 20.0}
 
@@ -183,12 +205,33 @@ def test_plot_losses_handles_zero_and_single_row(tmp_path):
 def test_adamw_decouples_weight_decay_and_bad_names_are_user_errors(dataset, tmp_path):
     def build(name, run_dir):
         optim = OptimConfig(name=name, lr=1e-2, weight_decay=0.1, milestones=[])
-        return Trainer(Denoiser(), denoise_loss, dataset, run_dir, train=TrainConfig(max_steps=1, ckpt_every=0,
+        return Trainer.single(Denoiser(), denoise_loss, dataset, run_dir, train=TrainConfig(max_steps=1, ckpt_every=0,
                        val_every=0), optim=optim, batch_size=2, device="cpu", progress=False)
 
     t = build("adamw", tmp_path / "w")
     t.fit()  # the optimiser is built when training starts
-    opt = getattr(t.optimizer, "optimizer", t.optimizer)  # accelerate wraps it
+    opt = t.optimizers["model"].optimizer  # accelerate wraps it
     assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["weight_decay"] == 0.1
     with pytest.raises(BlindSRError, match="optim.name"):
         build("sgd", tmp_path / "s").fit()
+
+
+def test_bad_module_and_sub_step_names_are_user_errors(dataset, tmp_path):
+    def main(models, batch, generator, step):
+        return denoise_loss(models["net"], batch, generator)
+
+    kw = dict(device="cpu", progress=False)
+    cases = [
+        ({"net": Denoiser()}, [SubStep("main", main, ("other",))], {}, "updates"),
+        ({"a/b": Denoiser()}, [SubStep("main", main, ("a/b",))], {}, "letters"),
+        ({"net": Denoiser()}, [SubStep("x", main, ("net",)), SubStep("x", main, ("net",))], {}, "unique"),
+        ({"net": Denoiser()}, [SubStep("main", main, ("net",))], {"module_optim": {"d": OptimConfig()}}, "module_optim"),
+        ({"net": Denoiser()}, [SubStep("main", main, ("net",))], {"export": "d"}, "export"),
+        ({"net": Denoiser()}, [SubStep("main", main, ("net",))], {"module_ema": {"net": 1.0}}, "EMA decay"),
+    ]
+    for modules, steps, extra, match in cases:
+        with pytest.raises(BlindSRError, match=match):
+            Trainer(modules, steps, dataset, tmp_path, **kw, **extra)
+    frozen = Denoiser().requires_grad_(False)
+    with pytest.raises(BlindSRError, match="no trainable parameters"):
+        Trainer({"net": frozen}, [SubStep("main", main, ("net",))], dataset, tmp_path, **kw).fit()

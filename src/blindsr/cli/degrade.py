@@ -22,15 +22,13 @@ import json
 from pathlib import Path
 
 from blindsr.cli.common import add_common, run_batch
-
-PRESET_NAMES = ("classic", "blinddiff-setting1", "blinddiff-setting2", "gaussian8", "diffbir-stage1",
-                "realesrgan", "stablesr", "resshift", "motion-deblur")
+from blindsr.registry import names
 
 
 def register(subparsers, help_: str) -> None:
     p = subparsers.add_parser("degrade", help=help_, description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", required=True, metavar="NAME", help="one of: " + ", ".join(PRESET_NAMES))
+    p.add_argument("--preset", required=True, metavar="NAME", help="one of: " + ", ".join(names("preset")))
     p.add_argument("--input", required=True, nargs="+", type=Path, help="HR image file(s) or folder(s)")
     p.add_argument("--output", required=True, type=Path, help="output folder")
     p.add_argument("--scale", type=int, help="override the preset's scale (default: the preset's, usually 4)")

@@ -24,24 +24,25 @@ DEFAULT_OUTPUT = "blindsr-restored"
 
 def register(subparsers, help_: str) -> None:
     from blindsr.cli.common import add_common
+    from blindsr.registry import DIFFBIR_SAMPLERS, DIFFBIR_TASKS, DIFFBIR_VERSIONS, RESTORER_KINDS
 
     p = subparsers.add_parser("restore", help=help_, description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
     p.add_argument("-o", "--output", default=DEFAULT_OUTPUT, metavar="OUTDIR",
                    help=f"output folder (default: ./{DEFAULT_OUTPUT})")
-    p.add_argument("--method", default="diffbir", choices=["diffbir"], help="restoration method (default: diffbir)")
-    p.add_argument("--task", default="sr", choices=["sr", "denoise", "face"], help="task preset (default: sr)")
-    p.add_argument("--version", default="v2", choices=["v1", "v2", "v2.1"], help="DiffBIR version (default: v2)")
+    p.add_argument("--task", default="sr", choices=DIFFBIR_TASKS, help="task preset (default: sr)")
+    p.add_argument("--version", default="v2", choices=DIFFBIR_VERSIONS, help="DiffBIR version (default: v2)")
     p.add_argument("--upscale", type=float, help="output / input size (default: 4 for sr, 1 otherwise)")
     w = p.add_argument_group("weights (local paths; see the environment variables above)")
     w.add_argument("--sd", metavar="PATH", help="SD 2.1-base checkpoint (.ckpt/.safetensors) or diffusers folder")
     w.add_argument("--controlnet", metavar="PATH", help="DiffBIR ControlNet (v1_general.pth, v2.pth, ...)")
     w.add_argument("--cleaner", metavar="PATH", help="stage-1 cleaner weights")
-    w.add_argument("--cleaner-kind", choices=["swinir", "bsrnet", "rrdbnet", "realesrgan", "scunet"],
+    w.add_argument("--cleaner-kind", choices=RESTORER_KINDS,
                    help="cleaner architecture (default by task: sr bsrnet, denoise scunet, face swinir for v2)")
     s = p.add_argument_group("sampling")
-    s.add_argument("--sampler", choices=["spaced", "ddim", "dpm++_m2", "dpm++_3m_sde"], help="sampler")
+    s.add_argument("--sampler", choices=[*DIFFBIR_SAMPLERS, "spaced", "dpm++_m2"], metavar="{" + ",".join(DIFFBIR_SAMPLERS) + "}",
+                   help="sampler (spaced and dpm++_m2: the earlier names of ddpm and dpm++_2m)")
     s.add_argument("--steps", type=int, help="sampling steps")
     s.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off)")
     s.add_argument("--rescale-cfg", action="store_true", default=None, help="ramp the CFG scale with t (v2.1)")
@@ -80,9 +81,8 @@ def register(subparsers, help_: str) -> None:
 def build_config(args: argparse.Namespace, device):
     """The DiffBIR config from the preset of --version/--task and the flags that were given."""
     from blindsr.device import resolve_dtype
-    from blindsr.diffusion.region_guidance import GuidanceConfig
-    from blindsr.diffusion.vae_tiling import VAETiling
-    from blindsr.methods.diffbir import DiffBIRConfig, Tiling
+    from blindsr.methods.diffbir import DiffBIRConfig, GuidanceConfig, Tiling
+    from blindsr.models.sd.vae_tiling import VAETiling
 
     tiling = Tiling.off() if args.no_tile else Tiling()
     if not args.no_tile:

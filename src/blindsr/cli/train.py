@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 
-METHODS = ("blinddiff", "regression", "diffbir-stage1", "diffbir-stage2")
-
 EPILOG = """examples:
   blindsr train blinddiff --config configs/blinddiff_setting1.yaml --output runs/bd1
   blindsr train blinddiff --config configs/blinddiff_setting1.yaml --output runs/bd1 --resume auto
@@ -23,10 +21,11 @@ by `blindsr sr --ckpt`)."""
 
 def register(subparsers, help_: str) -> None:
     from blindsr.cli.common import add_common
+    from blindsr.registry import names
 
     p = subparsers.add_parser("train", help=help_, description=help_ + ".", epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("method", choices=METHODS, help="what to train")
+    p.add_argument("method", choices=names("recipe"), help="what to train")
     p.add_argument("--config", required=True, help="YAML run config (see configs/)")
     p.add_argument("--output", help="run directory (overrides `output` in the config)")
     p.add_argument("--max-steps", type=int, help="optimiser steps (overrides train.max_steps)")
@@ -44,7 +43,7 @@ def register(subparsers, help_: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from blindsr.errors import BlindSRError
     from blindsr.train.config import load_config
-    from blindsr.train.recipes import run_training
+    from blindsr.train.run import run_training
 
     cfg = load_config(args.config, args.overrides)
     if cfg.method != args.method:

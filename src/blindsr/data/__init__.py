@@ -1,4 +1,5 @@
-"""Training data: HR folder datasets (LR is synthesised on the fly by the method's loss), resumable sampling."""
+"""Training data: HR folders (LR synthesised on the fly by the method's loss), paired and unpaired LR/HR
+folders, resumable seeded sampling (an item depends only on (seed, epoch, index))."""
 
 from blindsr.data.datasets import (
     FixedLRSet,
@@ -8,5 +9,8 @@ from blindsr.data.datasets import (
     mix_seed,
     split_holdout,
 )
+from blindsr.data.paired import PairedFolderDataset
+from blindsr.data.unpaired import UnpairedDataset
 
-__all__ = ["FixedLRSet", "HRFolderDataset", "StreamSampler", "make_loader", "mix_seed", "split_holdout"]
+__all__ = ["FixedLRSet", "HRFolderDataset", "PairedFolderDataset", "StreamSampler", "UnpairedDataset",
+           "make_loader", "mix_seed", "split_holdout"]

@@ -1,12 +1,14 @@
-"""HR-only training data: random crops and dihedral augmentation, reproducible down to the item.
+"""Training data: HR-only random crops (the LR is synthesised by the loss), shared helpers, resumable sampling.
 
-The LR image is *not* made here: the trainer's loss function degrades the HR batch on the accelerator device
-(as the official BlindDiff code does in ``feed_data``), so the dataset only yields HR crops.
+The LR image is *not* made here for :class:`HRFolderDataset`: the trainer's loss function degrades the HR batch
+on the accelerator device (as the official BlindDiff code does in ``feed_data``), so the dataset only yields HR
+crops. Datasets with real LR images (:mod:`blindsr.data.paired`, :mod:`blindsr.data.unpaired`) build on the
+helpers here.
 
 Reproducibility: item ``(epoch, index)`` draws its crop and flips from a generator seeded with
 ``hash(seed, epoch, index)``, and :class:`StreamSampler` orders items by a per-epoch permutation seeded with
 ``hash(seed, epoch)``. Nothing depends on worker count or on what came before, so a resumed run sees exactly the
-batches it would have seen.
+batches it would have seen. Every dataset here keeps that contract: an item depends only on (seed, epoch, index).
 """
 
 from __future__ import annotations
@@ -38,6 +40,14 @@ def list_hr_files(root: str | Path) -> list[Path]:
     if not files:
         raise BlindSRError(f"data root {root}: no images found")
     return [Path(f) for f in files]
+
+
+def resolve_files(root: str | Path | Sequence[Path]) -> list[Path]:
+    """A folder (its images, recursive) or an explicit file list; a user error when there are none."""
+    files = list_hr_files(root) if isinstance(root, str | Path) else [Path(f) for f in root]
+    if not files:
+        raise BlindSRError("data: no training images")
+    return files
 
 
 def split_holdout(files: Sequence[Path], val_fraction: float = 0.0, val_names: Sequence[str] = (),
@@ -76,6 +86,25 @@ def load_uint8(path: Path) -> torch.Tensor:
     return read_image(path).clamp(0, 1).mul(255).round().to(torch.uint8)
 
 
+class ImageStore:
+    """The images of ``files`` as uint8 (3,H,W): decoded once here when ``cache``, else at every access."""
+
+    def __init__(self, files: Sequence[Path], cache: bool = True):
+        self.files = list(files)
+        self._cache = [load_uint8(f) for f in self.files] if cache else None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self._cache[index] if self._cache is not None else load_uint8(self.files[index])
+
+
+def to_float(img: torch.Tensor) -> torch.Tensor:
+    """uint8 -> contiguous float32 in [0, 1]."""
+    return img.float().div_(255).contiguous()
+
+
 def pad_to(img: torch.Tensor, size: int) -> torch.Tensor:
     """Reflect-pad (bottom/right) until both sides are at least ``size``; repeated for very small images."""
     x = img[None].float()
@@ -91,10 +120,15 @@ def pad_to(img: torch.Tensor, size: int) -> torch.Tensor:
 def random_crop(img: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
     """A ``size`` x ``size`` crop at a uniformly random position (padding small images first)."""
     img = pad_to(img, size)
-    h, w = img.shape[-2:]
+    top, left = crop_position(img.shape[-2], img.shape[-1], size, generator)
+    return img[..., top:top + size, left:left + size]
+
+
+def crop_position(h: int, w: int, size: int, generator: torch.Generator) -> tuple[int, int]:
+    """(top, left) of a uniformly random ``size`` crop of an h x w image (``size`` <= h, w)."""
     top = int(torch.randint(0, h - size + 1, (), generator=generator))
     left = int(torch.randint(0, w - size + 1, (), generator=generator))
-    return img[..., top:top + size, left:left + size]
+    return top, left
 
 
 def dihedral(img: torch.Tensor, hflip: bool, vflip: bool, transpose: bool) -> torch.Tensor:
@@ -108,11 +142,27 @@ def dihedral(img: torch.Tensor, hflip: bool, vflip: bool, transpose: bool) -> to
     return img
 
 
+def random_transform(generator: torch.Generator, flip: bool = True, rot: bool = True) -> tuple[bool, bool, bool]:
+    """The :func:`dihedral` flags: hflip (if ``flip``), vflip and transpose (if ``rot``), each with probability 1/2."""
+    bits = torch.rand(3, generator=generator) < 0.5  # always draw 3 numbers: the stream does not depend on flags
+    return flip and bool(bits[0]), rot and bool(bits[1]), rot and bool(bits[2])
+
+
 def random_dihedral(img: torch.Tensor, generator: torch.Generator, flip: bool = True,
                     rot: bool = True) -> torch.Tensor:
-    """Each of hflip (if ``flip``), vflip and transpose (if ``rot``) with probability 1/2."""
-    bits = torch.rand(3, generator=generator) < 0.5  # always draw 3 numbers: the stream does not depend on flags
-    return dihedral(img, flip and bool(bits[0]), rot and bool(bits[1]), rot and bool(bits[2]))
+    """``img`` under a :func:`random_transform`."""
+    return dihedral(img, *random_transform(generator, flip, rot))
+
+
+def random_patch(img: torch.Tensor, size: int, generator: torch.Generator, flip: bool = True,
+                 rot: bool = True) -> torch.Tensor:
+    """A :func:`random_crop` of the uint8 ``img`` under a :func:`random_dihedral`, as float in [0, 1]."""
+    return to_float(random_dihedral(random_crop(img, size, generator), generator, flip, rot))
+
+
+def split_key(key: int | tuple[int, int]) -> tuple[int, int]:
+    """A dataset key as (epoch, index): ``(epoch, index)`` as is, a bare ``index`` means epoch 0."""
+    return key if isinstance(key, tuple) else (0, key)
 
 
 class HRFolderDataset(torch.utils.data.Dataset):
@@ -128,25 +178,21 @@ class HRFolderDataset(torch.utils.data.Dataset):
                  scale: int = 4, cache: bool = True, seed: int = 0):
         if crop % scale:
             raise BlindSRError(f"data.crop = {crop} must be a multiple of the scale {scale}")
-        self.files = list_hr_files(root) if isinstance(root, str | Path) else [Path(f) for f in root]
-        if not self.files:
-            raise BlindSRError("data: no training images")
+        self.files = resolve_files(root)
         self.crop, self.flip, self.rot, self.scale, self.seed = crop, flip, rot, scale, seed
-        self._cache = [load_uint8(f) for f in self.files] if cache else None
+        self.images = ImageStore(self.files, cache)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def image(self, index: int) -> torch.Tensor:
         """The full image ``index`` as uint8 (3,H,W)."""
-        return self._cache[index] if self._cache is not None else load_uint8(self.files[index])
+        return self.images[index]
 
     def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
-        epoch, index = key if isinstance(key, tuple) else (0, key)
+        epoch, index = split_key(key)
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index))
-        patch = random_crop(self.image(index), self.crop, g)
-        patch = random_dihedral(patch, g, self.flip, self.rot)
-        return patch.float().div_(255).contiguous()
+        return random_patch(self.image(index), self.crop, g, self.flip, self.rot)
 
 
 class StreamSampler(torch.utils.data.Sampler):

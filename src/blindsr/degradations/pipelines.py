@@ -20,7 +20,7 @@ the first blur kernel per sample, and JSON-serialisable per-sample parameters.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -401,54 +401,82 @@ class MotionDeblur(Degradation):
         return DegradeResult(x, hr, k.to(hr), params)
 
 
-# ------------------------------------------------------------------------------------ registry
-PRESETS: dict[str, tuple[type[Degradation], Any, str]] = {
-    "classic": (Classic, ClassicConfig, "y = (k*x)↓s + n with random Gaussian kernels (BlindDiff Eq. 1)"),
-    "blinddiff-setting1": (Classic, ClassicConfig, "iso Gaussian sigma in [0.2, 4], 21x21, bicubic x4"),
-    "blinddiff-setting2": (Classic, lambda: ClassicConfig(sig_min=0.6, sig_max=5.0, rate_iso=0.0,
-                                                          random_disturb=True),
-                           "aniso Gaussian sigma in [0.6, 5] with disturbance, 21x21, bicubic x4"),
-    "gaussian8": (Gaussian8, Gaussian8Config, "fixed iso kernels sigma 1.8..3.2, bicubic x4 (test sets)"),
-    "diffbir-stage1": (DiffBIRStage1, DiffBIRStage1Config, "blur/down/noise/JPEG/up first order (DiffBIR Eq. 9)"),
-    "realesrgan": (RealESRGAN, RealESRGANConfig, "Real-ESRGAN second-order degradation, x4"),
-    "stablesr": (RealESRGAN, stablesr_config, "Real-ESRGAN with StableSR's milder ranges, x4"),
-    "resshift": (RealESRGAN, resshift_config, "ResShift/InvSR ImageNet-Test degradation, x4"),
-    "motion-deblur": (MotionDeblur, MotionDeblurConfig, "random motion blur + small noise, scale 1"),
-}
+# ------------------------------------------------------------------------------------ presets
+@dataclass(frozen=True)
+class PresetSpec:
+    """A named degradation: its class, the factory of its default config and a one-line description."""
+
+    cls: type[Degradation]
+    config: Any  # () -> config dataclass
+    description: str
+
+
+# Each is registered by name in blindsr.registry (REGISTRY["preset"]).
+CLASSIC = PresetSpec(Classic, ClassicConfig, "y = (k*x)↓s + n with random Gaussian kernels (BlindDiff Eq. 1)")
+BLINDDIFF_SETTING1 = PresetSpec(Classic, ClassicConfig, "iso Gaussian sigma in [0.2, 4], 21x21, bicubic x4")
+BLINDDIFF_SETTING2 = PresetSpec(Classic, lambda: ClassicConfig(sig_min=0.6, sig_max=5.0, rate_iso=0.0,
+                                                               random_disturb=True),
+                                "aniso Gaussian sigma in [0.6, 5] with disturbance, 21x21, bicubic x4")
+GAUSSIAN8 = PresetSpec(Gaussian8, Gaussian8Config, "fixed iso kernels sigma 1.8..3.2, bicubic x4 (test sets)")
+DIFFBIR_STAGE1 = PresetSpec(DiffBIRStage1, DiffBIRStage1Config, "blur/down/noise/JPEG/up first order (DiffBIR Eq. 9)")
+REALESRGAN = PresetSpec(RealESRGAN, RealESRGANConfig, "Real-ESRGAN second-order degradation, x4")
+STABLESR = PresetSpec(RealESRGAN, stablesr_config, "Real-ESRGAN with StableSR's milder ranges, x4")
+RESSHIFT = PresetSpec(RealESRGAN, resshift_config, "ResShift/InvSR ImageNet-Test degradation, x4")
+MOTION_DEBLUR = PresetSpec(MotionDeblur, MotionDeblurConfig, "random motion blur + small noise, scale 1")
+
+
+def register_preset(name: str, spec: PresetSpec | str) -> None:
+    """Make ``name`` a preset everywhere presets are accepted (``get_preset``, ``data.degradation``, the CLI of
+    this process): ``spec`` is a :class:`PresetSpec` or ``"module:attr"`` naming one (imported when used).
+    A learned degradation (e.g. one trained by UDDM) becomes a preset this way."""
+    from blindsr import registry
+
+    registry.register("preset", name, spec)
+
+
+def _spec(name: str) -> PresetSpec:
+    from blindsr import registry
+
+    if name not in registry.names("preset"):
+        raise BlindSRError(f"unknown degradation preset {name!r}; choose one of: {', '.join(list_presets())}")
+    return registry.resolve("preset", name)
 
 
 def list_presets() -> list[str]:
     """Names accepted by ``get_preset``."""
-    return list(PRESETS)
+    from blindsr import registry
+
+    return registry.names("preset")
 
 
 def describe_presets() -> dict[str, str]:
     """Preset name -> one-line description."""
-    return {k: v[2] for k, v in PRESETS.items()}
+    return {k: _spec(k).description for k in list_presets()}
 
 
 def preset_config(name: str):
     """The default config dataclass of a preset."""
-    if name not in PRESETS:
-        raise BlindSRError(f"unknown degradation preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return PRESETS[name][1]()
+    return _spec(name).config()
 
 
 def get_preset(name: str, **overrides) -> Degradation:
     """A preset with its paper defaults, any config field overridden by keyword (unknown ones are errors)."""
+    from blindsr.config import from_dict, to_dict
+
     cfg = preset_config(name)
     valid = [f.name for f in fields(cfg)]
     bad = sorted(set(overrides) - set(valid))
     if bad:
         raise BlindSRError(f"preset {name}: unknown option(s) {', '.join(bad)}; valid: {', '.join(valid)}")
-    cfg = replace(cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
-    return PRESETS[name][0](cfg, name)
+    return _spec(name).cls(from_dict(type(cfg), {**to_dict(cfg), **overrides}, f"preset {name}"), name)
 
 
 def config_dict(d: Degradation) -> dict[str, Any]:
     """The preset's config as a JSON-serialisable dict (for manifests)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(d.config).items()}
+    from blindsr.config import to_dict
+
+    return to_dict(d.config)
 
 
-__all__ = ["DegradeResult", "Degradation", "get_preset", "list_presets", "describe_presets", "preset_config",
-           "config_dict", "PRESETS"]
+__all__ = ["DegradeResult", "Degradation", "PresetSpec", "get_preset", "list_presets", "describe_presets",
+           "preset_config", "config_dict", "register_preset"]

@@ -17,6 +17,8 @@ import math
 import torch
 from torch import Tensor
 
+from blindsr.diffusion.parameterization import split, target
+
 # (half bin width, lower tail edge, upper tail edge) of the discretised Gaussian decoder (improved DDPM Eq. 13)
 NLL_BINS: dict[str, tuple[float, float, float]] = {
     "pm1": (1.0 / 255.0, -0.999, 0.999),  # guided-diffusion / BlindDiff official (built for [-1, 1] data)
@@ -34,27 +36,6 @@ def extract(a: Tensor, t: Tensor, like: Tensor) -> Tensor:
     """``a[t]`` (float64 schedule) cast to ``like``'s dtype/device and shaped (B, 1, 1, ...) for broadcasting."""
     v = a[t.detach().long().cpu()].to(device=like.device, dtype=like.dtype)
     return v.reshape(-1, *([1] * (like.ndim - 1)))
-
-
-# --- parameterisation one-liners (abar = alpha_bar_t, already broadcast) ------------------------------------
-def x0_from_eps(x_t: Tensor, eps: Tensor, abar: Tensor) -> Tensor:
-    return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()  # Ho et al. Eq. 4 solved for x0
-
-
-def eps_from_x0(x_t: Tensor, x0: Tensor, abar: Tensor) -> Tensor:
-    return (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
-
-
-def v_from_eps_x0(eps: Tensor, x0: Tensor, abar: Tensor) -> Tensor:
-    return abar.sqrt() * eps - (1 - abar).sqrt() * x0  # Salimans & Ho 2022, v-parameterisation
-
-
-def x0_from_v(x_t: Tensor, v: Tensor, abar: Tensor) -> Tensor:
-    return abar.sqrt() * x_t - (1 - abar).sqrt() * v
-
-
-def eps_from_v(x_t: Tensor, v: Tensor, abar: Tensor) -> Tensor:
-    return (1 - abar).sqrt() * x_t + abar.sqrt() * v
 
 
 # --- KL and likelihood terms (improved DDPM Sec. 2, Eq. 10-13) ---------------------------------------------
@@ -126,22 +107,6 @@ class GaussianDiffusion:
         abar = self.abar(t, x0)
         return abar.sqrt() * x0, (1 - abar).expand_as(x0), torch.log(1 - abar).expand_as(x0)
 
-    # parameterisations at step t of this process
-    def x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        return x0_from_eps(x_t, eps, self.abar(t, x_t))
-
-    def eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
-        return eps_from_x0(x_t, x0, self.abar(t, x_t))
-
-    def v_from_eps_x0(self, eps: Tensor, x0: Tensor, t: Tensor) -> Tensor:
-        return v_from_eps_x0(eps, x0, self.abar(t, x0))
-
-    def x0_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
-        return x0_from_v(x_t, v, self.abar(t, x_t))
-
-    def eps_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
-        return eps_from_v(x_t, v, self.abar(t, x_t))
-
     def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0) (Ho et al. Eq. 7)."""
         mean = extract(self.posterior_mean_coef1, t, x_t) * x0 + extract(self.posterior_mean_coef2, t, x_t) * x_t
@@ -182,13 +147,15 @@ class GaussianDiffusion:
         return torch.where(t.to(kl.device) == 0, nll, kl)
 
 
-def hybrid_loss(diffusion: GaussianDiffusion, eps_pred: Tensor, var_values: Tensor | None, noise: Tensor,
+def hybrid_loss(diffusion: GaussianDiffusion, pred: Tensor, kind: str, var_values: Tensor | None, noise: Tensor,
                 x0: Tensor, x_t: Tensor, t: Tensor, bins: str = "pm1") -> dict[str, Tensor]:
-    """Improved-DDPM hybrid loss terms, per sample: ``mse`` = ||eps - eps_hat||^2 (mean), and with a learned
-    range variance ``vb`` = L_vlb with the mean detached, so the VB term trains only the variance (Sec. 3.1)."""
-    terms = {"mse": mean_flat((noise.float() - eps_pred.float()) ** 2)}
+    """Improved-DDPM hybrid loss terms, per sample: ``mse`` = ||target - pred||^2 (mean; the target of the
+    prediction ``kind``: eps in Ho et al. / Algorithm 1), and with a learned-range variance ``vb`` = L_vlb with
+    the mean detached, so the VB term trains only the variance (Sec. 3.1)."""
+    abar = diffusion.abar(t, x_t)
+    terms = {"mse": mean_flat((target(kind, x0, noise, abar).float() - pred.float()) ** 2)}
     if var_values is not None:
-        x0_frozen = diffusion.x0_from_eps(x_t, t, eps_pred.detach())
+        _, x0_frozen = split(pred.detach(), kind, x_t, abar)
         mean, _, _ = diffusion.q_posterior(x0_frozen, x_t, t)
         logvar = diffusion.learned_range_logvar(var_values, t)
         terms["vb"] = diffusion.vb_terms_bpd(x0, x_t, t, mean, logvar, bins)

@@ -33,7 +33,7 @@ model keeps time conditioning (the official code has no switch); this is the pla
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -116,15 +116,12 @@ class MCFormerConfig:
         kw: dict[str, Any] = dict(dim=16, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1, heads=(1, 1, 2, 2))
         return cls(**{**kw, **overrides})
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict (tuples as lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MCFormerConfig:
-        """Inverse of :meth:`to_dict`; also accepts the official constructor kwargs (inp_channels, LayerNorm_type,
-        dual_pixel_task=False, learn_sigma consistent with out_channels)."""
-        names = {f.name for f in fields(cls)}
+    def from_official(cls, d: dict[str, Any]) -> MCFormerConfig:
+        """``blindsr.config.from_dict`` that also accepts the official constructor kwargs (inp_channels,
+        LayerNorm_type, dual_pixel_task=False, learn_sigma consistent with out_channels)."""
+        from blindsr.config import from_dict
+
         kw: dict[str, Any] = {}
         learn_sigma = None
         for key, value in d.items():
@@ -134,11 +131,9 @@ class MCFormerConfig:
                     raise BlindSRError("MCFormer: dual_pixel_task=True (Restormer defocus deblurring) is not supported")
             elif key == "learn_sigma":
                 learn_sigma = bool(value)
-            elif key in names:
-                kw[key] = value
             else:
-                raise BlindSRError(f"MCFormer config: unknown key {key!r}")
-        cfg = cls(**kw)
+                kw[key] = value
+        cfg = from_dict(cls, kw, "model")
         if learn_sigma is not None and learn_sigma != cfg.learn_sigma:
             raise BlindSRError(f"MCFormer config: learn_sigma={learn_sigma} contradicts out_channels={cfg.out_channels}")
         return cfg
@@ -373,10 +368,11 @@ def _unwrap(ckpt: dict[str, Any]) -> dict[str, Tensor]:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The bare model inside DDP / ``torch.compile`` / Accelerate wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
+    """The bare model inside DDP / ``torch.compile`` / Accelerate wrappers (accelerate's
+    ``extract_model_from_parallel``)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model)
 
 
 def predicted_kernels(model: nn.Module, raw: Tensor) -> Tensor:

@@ -1,9 +1,17 @@
 """Training checkpoints: weights in safetensors, the rest in a ``weights_only``-loadable ``.pt``.
 
-Layout of ``run_dir/checkpoints/step_000001000/``::
+Layout of ``run_dir/checkpoints/step_000001000/`` (format 2), for every module the run updates::
 
-    model.safetensors   training weights          ema.safetensors   EMA weights
-    state.pt            step, optimiser, grad scaler, skip-guard state, elapsed time, global RNG (per rank)
+    <name>.safetensors       training weights of module <name>
+    <name>.ema.safetensors   its EMA weights
+    state.pt                 format (2), step, modules (names), optimizers {name: optimiser state},
+                             guard {sub-step: last accepted loss}, grad scaler, elapsed time, world size,
+                             global RNG of rank 0
+    rng_<rank>.pt            the global RNG of each other rank (multi-process runs)
+
+Format 1 (one model: ``model.safetensors``, ``ema.safetensors``, ``state.pt`` with ``optimizer`` and
+``last_loss``) is still read, as a run with one module ``model`` and one sub-step ``main`` (what
+``Trainer.single`` builds).
 
 A checkpoint directory is written under a temporary name and renamed when complete, so a kill mid-save never
 leaves a half checkpoint that ``--resume auto`` would pick.
@@ -14,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +31,25 @@ import torch
 from blindsr.errors import BlindSRError
 
 STEP_RE = re.compile(r"^step_(\d+)$")
+FORMAT = 2
+StateDict = dict[str, torch.Tensor]
 
 
-def save_weights(sd: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint, whatever its format, in the format-2 shape."""
+
+    path: Path
+    weights: dict[str, StateDict]  # module name -> training weights
+    ema: dict[str, StateDict]      # module name -> EMA weights
+    state: dict[str, Any]          # state.pt: step, optimizers, guard, scaler, elapsed, world, rng
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def save_weights(sd: StateDict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Save a state dict as safetensors, atomically (tensors made contiguous, CPU, un-aliased)."""
     from safetensors.torch import save_file
 
@@ -35,7 +60,7 @@ def save_weights(sd: dict[str, torch.Tensor], path: str | Path, metadata: dict[s
     os.replace(tmp, path)
 
 
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+def load_weights(path: str | Path) -> StateDict:
     from safetensors.torch import load_file
 
     return load_file(str(path))
@@ -87,26 +112,39 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(ckpt: Path, model_sd: dict[str, torch.Tensor], ema_sd: dict[str, torch.Tensor],
+def save_checkpoint(ckpt: Path, weights: dict[str, StateDict], ema: dict[str, StateDict],
                     state: dict[str, Any]) -> None:
-    """Write one checkpoint directory atomically (temp dir + rename)."""
+    """Write one checkpoint directory atomically (temp dir + rename); ``weights`` and ``ema`` are keyed by
+    module name, and ``state`` gets ``format`` and ``modules`` added."""
+    if weights.keys() != ema.keys():
+        raise ValueError(f"checkpoint: weights for {sorted(weights)} but EMA for {sorted(ema)}")
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_weights(model_sd, tmp / "model.safetensors")
-    save_weights(ema_sd, tmp / "ema.safetensors")
-    torch.save(state, tmp / "state.pt")
+    for name in weights:
+        save_weights(weights[name], tmp / f"{name}.safetensors")
+        save_weights(ema[name], tmp / f"{name}.ema.safetensors")
+    torch.save({**state, "format": FORMAT, "modules": list(weights)}, tmp / "state.pt")
     shutil.rmtree(ckpt, ignore_errors=True)
     os.replace(tmp, ckpt)
 
 
-def load_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-    """(model weights, EMA weights, state) of a checkpoint directory; the state loads with weights_only."""
+def load_checkpoint(ckpt: Path) -> Checkpoint:
+    """Read a checkpoint directory (format 1 or 2); the state loads with ``weights_only``."""
     try:
         state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
-        return load_weights(ckpt / "model.safetensors"), load_weights(ckpt / "ema.safetensors"), state
-    except (OSError, RuntimeError) as e:
+        if state.get("format", 1) == 1:
+            weights = {"model": load_weights(ckpt / "model.safetensors")}
+            ema = {"model": load_weights(ckpt / "ema.safetensors")}
+            state = {**{k: v for k, v in state.items() if k not in ("optimizer", "last_loss")},
+                     "format": FORMAT, "modules": ["model"], "optimizers": {"model": state["optimizer"]},
+                     "guard": {"main": state.get("last_loss")}}
+        else:
+            weights = {n: load_weights(ckpt / f"{n}.safetensors") for n in state["modules"]}
+            ema = {n: load_weights(ckpt / f"{n}.ema.safetensors") for n in state["modules"]}
+    except (OSError, RuntimeError, KeyError) as e:
         raise BlindSRError(f"checkpoint {ckpt}: cannot be read ({type(e).__name__}: {e})") from None
+    return Checkpoint(ckpt, weights, ema, state)
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int | None) -> None:

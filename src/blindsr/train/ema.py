@@ -8,7 +8,8 @@ import torch
 
 
 class EMA:
-    """``ema <- decay * ema + (1 - decay) * param`` for every parameter; buffers are copied.
+    """``ema <- decay * ema + (1 - decay) * param`` for every parameter; buffers are copied. The trainer keeps
+    one per updated module.
 
     Holds its own copy of the (unwrapped) model in fp32, in eval mode and without gradients; ``decay = 0``
     makes the EMA a plain copy of the latest weights. ``warmup``: use ``min(decay, (1 + n) / (10 + n))`` at

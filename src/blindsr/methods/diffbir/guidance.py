@@ -21,7 +21,10 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from blindsr.diffusion.samplers import GuidanceResult, StepState
 from blindsr.errors import BlindSRError
+
+Tensor = torch.Tensor
 
 INTERNAL_SCALE = 3000.0  # official `Guidance.__init__`: self.scale = scale * 3000
 GRAY = (0.2989, 0.5870, 0.1140)  # official RGB -> gray weights
@@ -123,3 +126,55 @@ def apply_guidance(z0_hat: torch.Tensor, decode_fn: Callable[[torch.Tensor], tor
         losses.append(loss.item())
         z0 = z0 - grad * (scale * INTERNAL_SCALE) / posterior_coef1
     return Guided(z0, sum(losses) / max(len(losses), 1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# As a hook of the shared sampling loop
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class GuidanceTarget:
+    """What the guidance compares with: the stage-1 image in [0, 1] (rgb) or its latent (latent space)."""
+
+    image: Tensor  # (B,3,H,W) stage-1 output, cropped to the latent's un-padded area x 8
+    latent: Tensor | None = None  # c_img (posterior mode), for the latent-space variant
+
+
+class RestorationGuidance:
+    """The region-adaptive guidance step as an x0 hook: x0 moves by ``-s * 3000 * dL/dx0 / c`` where ``c`` is
+    the stepper's coefficient of x0 in the next sample (``StepState.x0_weight``: ``posterior_mean_coef1`` for
+    ddpm, as official v2.0.0; 1 for the DPM solvers), so the next sample moves by exactly the guidance step."""
+
+    needs_grad = False  # the gradient goes through the VAE decoder only, never through the UNet
+
+    def __init__(self, config: GuidanceConfig, target: GuidanceTarget, decode: Callable[[Tensor], Tensor] | None):
+        self.config, self.decode = config, decode
+        self.losses: list[float] = []
+        self.target = self.weight = None
+        if config.scale != 0:
+            if config.space == "rgb":
+                self.target = target.image * 2 - 1
+                self.weight = gradient_weight_map(target.image, config.patch_size) if config.loss == "w_mse" else None
+            else:
+                if target.latent is None:
+                    raise BlindSRError("latent-space guidance needs the condition latent")
+                self.target, self.weight = target.latent, None  # official: w_mse is RGB-only
+                if config.loss == "w_mse":
+                    self.weight = latent_weight_map(target.image, 8, config.patch_size)
+
+    def guide(self, x0: Tensor, t_orig: int, coef: float) -> Tensor:
+        """Return x0 moved by the guidance step when the step is inside [start, stop]."""
+        if self.target is None or not self.config.active(t_orig):
+            return x0
+        h, w = self.target.shape[-2:]
+        f = 8 if self.config.space == "rgb" else 1
+        part = x0[..., : h // f, : w // f]  # the padding is not compared
+        decode = self.decode if self.config.space == "rgb" else None
+        res = apply_guidance(part, decode, self.target, self.config.scale, weight=self.weight,
+                             posterior_coef1=coef, repeat=self.config.repeat)
+        self.losses.append(res.loss)
+        x0 = x0.clone()
+        x0[..., : h // f, : w // f] = res.z0.to(x0.dtype)
+        return x0
+
+    def __call__(self, state: StepState) -> GuidanceResult:
+        return GuidanceResult(x0=self.guide(state.x0, int(state.t[0]), state.x0_weight))

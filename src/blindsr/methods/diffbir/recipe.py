@@ -31,10 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blindsr.data.datasets import FixedLRSet, HRFolderDataset, mix_seed
+from blindsr.config import from_dict, to_dict
+from blindsr.data.datasets import FixedLRSet, mix_seed
+from blindsr.diffusion import parameterization
 from blindsr.errors import BlindSRError
-from blindsr.train.config import RunConfig, from_dict, to_dict
-from blindsr.train.recipes import Recipe, degrade_fn, split_data, sr_validation
+from blindsr.methods.base import Recipe
+from blindsr.methods.diffbir.config import SDProcess
+from blindsr.train.common import degrade_fn, hr_dataset, split_data, sr_validation
+from blindsr.train.config import RunConfig
 
 # A tiny SD (LDM/OpenCLIP kwargs; the conformance fixture's sizes): UNet 1.1 M, VAE 1.3 M, text 0.1 M params.
 TINY_SD_LDM = {
@@ -54,9 +58,7 @@ class Stage1Loss:
 
 
 @dataclass
-class Stage2Diffusion:
-    prediction: str = "eps"  # eps (v1, v2) | v (v2.1)
-    zero_snr: bool = False   # zero-terminal-SNR schedule (v2.1; needs v)
+class Stage2Diffusion(SDProcess):  # + prediction (eps: v1, v2 | v: v2.1) and zero_snr (v2.1; needs v)
     noise_aug: int = 0       # v2.1: 200 (noise the condition latent to a random t_aug < noise_aug)
     prompt: str = ""         # the fixed training prompt (official v2: empty; v2.1 captions are not supported)
 
@@ -64,15 +66,15 @@ class Stage2Diffusion:
 # ------------------------------------------------------------------------------------------------ cleaners
 def restorer_config(model: dict[str, Any]) -> tuple[str, Any]:
     """``model``: ``kind`` (swinir | bsrnet | rrdbnet | scunet), ``preset`` (diffbir | tiny) + config fields."""
-    from blindsr.models.restorers import _spec
+    from blindsr.models.restorers import restorer_spec
 
     d = dict(model)
     kind, preset = d.pop("kind", "swinir"), d.pop("preset", "diffbir")
-    spec = _spec(kind)
+    spec = restorer_spec(kind)
     if preset not in ("diffbir", "tiny"):
         raise BlindSRError(f"config: model.preset {preset!r}: choose diffbir or tiny")
     base = spec.default_config() if preset == "diffbir" else type(spec.default_config()).tiny()
-    return kind, from_dict(type(base), {**dataclasses.asdict(base), **d}, "model")
+    return kind, from_dict(type(base), {**to_dict(base), **d}, "model")
 
 
 def cleaner_scale(cleaner: nn.Module) -> float:
@@ -101,7 +103,7 @@ def diffbir_stage1_recipe(cfg: RunConfig) -> Recipe:
     if d.crop % round(model_cfg.scale):
         raise BlindSRError(f"config: data.crop {d.crop} must be a multiple of the cleaner's scale {model_cfg.scale}")
     train_files, val_files = split_data(cfg)
-    dataset = HRFolderDataset(train_files, d.crop, d.flip, d.rot, d.scale, d.cache, seed=cfg.train.seed)
+    dataset = hr_dataset(cfg, train_files)
 
     def loss_fn(model: nn.Module, hr: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         with torch.no_grad(), torch.autocast(hr.device.type, enabled=False):
@@ -113,11 +115,12 @@ def diffbir_stage1_recipe(cfg: RunConfig) -> Recipe:
         return model(cleaner_input(lq, model_cfg.scale)).clamp(0, 1)
 
     validate = sr_validation(sample, val_files, degrade, cfg) if val_files and cfg.train.val_every else None
-    resolved = {"kind": kind, **dataclasses.asdict(model_cfg)}
-    cfg = dataclasses.replace(cfg, model=resolved, loss=dataclasses.asdict(loss_cfg))
+    resolved = {"kind": kind, **to_dict(model_cfg)}
+    cfg = dataclasses.replace(cfg, model=resolved, loss=to_dict(loss_cfg))
     meta = {"method": "diffbir-stage1", "kind": kind, "config": json.dumps(resolved), "degradation": d.degradation,
             "train_config": json.dumps(to_dict(cfg))}
-    return Recipe(model, loss_fn, dataset, validate, meta, cfg)  # restorer keys are the official ones
+    return Recipe.single(model, loss_fn, dataset, validate_fn=validate, export_metadata=meta,
+                         config=cfg)  # restorer keys are the official ones
 
 
 # ------------------------------------------------------------------------------------------------ stage 2
@@ -129,17 +132,16 @@ def load_sd(model: dict[str, Any]):
 
     path, config = model.get("sd"), model.get("sd_config")
     if path is not None:
-        p = Path(path)
-        if not p.exists():
+        if not Path(path).exists():
             raise BlindSRError(f"config: model.sd {path}: no such file or folder")
-        return sdm.load_diffusers_folder(p) if p.is_dir() else sdm.load_sd_checkpoint(p)
+        return sdm.load_sd(path)
     if config != "tiny":
         raise BlindSRError("config: give model.sd (an SD 2.1 checkpoint or diffusers folder) or model.sd_config: tiny")
     t = TINY_SD_LDM
     unet = sdm.build_unet(sdm.unet_config_from_ldm(t["unet"]))
     vae = sdm.build_vae(sdm.vae_config_from_ldm(t["vae"]))
     text = sdm.build_text_encoder(sdm.text_config_from_openclip(t["clip"]))
-    sdm._freeze(unet, vae, text)
+    sdm.freeze(unet, vae, text)
     return sdm.StableDiffusion(unet, vae, text)
 
 
@@ -157,7 +159,7 @@ def load_cleaner(model: dict[str, Any]) -> nn.Module:
 
 def prompt_tokens(prompt: str) -> torch.Tensor:
     """(1, 77) CLIP ids; the empty prompt needs no BPE vocabulary ([SOT, EOT, 0, ...])."""
-    from blindsr.models.clip_tokenizer import load_tokenizer, pack_tokens
+    from blindsr.models.sd.tokenizer import load_tokenizer, pack_tokens
 
     return pack_tokens([[]]) if prompt == "" else load_tokenizer()([prompt])
 
@@ -193,7 +195,7 @@ def stage2_loss(controlnet: nn.Module, frozen: FrozenParts, diffusion, dcfg: Sta
         if dcfg.noise_aug > 0:  # v2.1
             t_aug = torch.randint(0, dcfg.noise_aug, (B,), generator=g, device=dev)
             c_img = diffusion.q_sample(c_img, t_aug, torch.randn(c_img.shape, generator=g, device=dev)).float()
-        target = eps if dcfg.prediction == "eps" else diffusion.v_from_eps_x0(eps, z0, t).float()
+        target = parameterization.target(dcfg.prediction, z0, eps, diffusion.abar(t, z0)).float()
     txt = c_txt.expand(B, -1, -1)
     pred = controlled_unet(frozen.unet, z_t, t, txt, controlnet(z_t, t, c_img, txt))
     return F.mse_loss(pred.float(), target)
@@ -201,7 +203,6 @@ def stage2_loss(controlnet: nn.Module, frozen: FrozenParts, diffusion, dcfg: Sta
 
 def diffbir_stage2_recipe(cfg: RunConfig) -> Recipe:
     """Stage 2: train the IRControlNet (from the UNet, or ``model.controlnet`` official weights) with Eq. 4."""
-    from blindsr.methods.diffbir_sampling import Schedule
     from blindsr.models.ircontrolnet import (
         IRControlNet,
         IRControlNetConfig,
@@ -217,7 +218,7 @@ def diffbir_stage2_recipe(cfg: RunConfig) -> Recipe:
     if cfg.loss:
         raise BlindSRError("config: method diffbir-stage2 takes no loss section (the loss is Eq. 4's MSE)")
     dcfg = from_dict(Stage2Diffusion, cfg.diffusion, "diffusion")
-    diffusion = Schedule(prediction=dcfg.prediction, zero_snr=dcfg.zero_snr).base()
+    diffusion = dcfg.process()
     sd = load_sd(cfg.model)
     ccfg = IRControlNetConfig.from_unet_config(dict(sd.unet.config))
     if cfg.model.get("controlnet"):
@@ -231,7 +232,7 @@ def diffbir_stage2_recipe(cfg: RunConfig) -> Recipe:
     if d.crop % 64:
         raise BlindSRError(f"config: data.crop {d.crop} must be a multiple of 64 (8x VAE, whole UNet levels)")
     train_files, val_files = split_data(cfg)
-    dataset = HRFolderDataset(train_files, d.crop, d.flip, d.rot, d.scale, d.cache, seed=cfg.train.seed)
+    dataset = hr_dataset(cfg, train_files)
 
     def on(device: torch.device) -> torch.Tensor:
         if next(frozen.unet.parameters()).device != device:
@@ -261,11 +262,11 @@ def diffbir_stage2_recipe(cfg: RunConfig) -> Recipe:
         return {"val_loss": sum(losses) / len(losses)}
 
     use_val = val_files and cfg.train.val_every
-    cfg = dataclasses.replace(cfg, diffusion=dataclasses.asdict(dcfg))
+    cfg = dataclasses.replace(cfg, diffusion=to_dict(dcfg))
     meta = {"method": "diffbir-stage2", "config": json.dumps(dataclasses.asdict(ccfg)),
             "prediction": dcfg.prediction, "degradation": d.degradation, "train_config": json.dumps(to_dict(cfg))}
-    return Recipe(controlnet, loss_fn, dataset, validate if use_val else None, meta, cfg,
-                  export_keys=lambda sd_: controlnet_to_official(sd_, ccfg))
+    return Recipe.single(controlnet, loss_fn, dataset, validate_fn=validate if use_val else None,
+                         export_metadata=meta, config=cfg, export_keys=lambda sd_: controlnet_to_official(sd_, ccfg))
 
 
 __all__ = ["diffbir_stage1_recipe", "diffbir_stage2_recipe", "stage2_loss", "restorer_config", "TINY_SD_LDM"]

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from blindsr.diffusion.tiling import pad_to_multiple
 from blindsr.errors import BlindSRError
-from blindsr.methods.blinddiff import SRResult
+from blindsr.methods.base import SRResult
 from blindsr.models.mcformer import predicted_kernels, unwrap_model
+from blindsr.ops.resize import pad_to_multiple
 
 
 def regression_input(lr: Tensor, scale: int) -> Tensor:

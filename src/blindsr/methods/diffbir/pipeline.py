@@ -19,206 +19,25 @@ CPU except while it is used.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields, replace
-from functools import lru_cache
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from blindsr.diffusion.colorfix import color_fix
-from blindsr.diffusion.region_guidance import GuidanceConfig
-from blindsr.diffusion.samplers import randn
-from blindsr.diffusion.tiling import pad_to_multiple
-from blindsr.diffusion.vae_tiling import VAETiling, tiled_decode, tiled_encode
-from blindsr.errors import BlindSRError, WeightsError
-from blindsr.methods.diffbir_sampling import (
-    SAMPLERS,
-    CLDMDenoiser,
-    GuidanceTarget,
-    RestorationGuidance,
-    Schedule,
-    cast_keep_norms_fp32,
-    sample,
-)
-
-PRESETS_PATH = Path(__file__).resolve().parents[1] / "configs" / "diffbir_presets.json"
-CONFIG_ENV = "BLINDSR_CONFIG"
-DEFAULT_CONFIG_FILE = Path("~/.config/blindsr/weights.json")
-VERSIONS, TASKS = ("v1", "v2", "v2.1"), ("sr", "denoise", "face")
-
-
-@lru_cache(maxsize=1)
-def presets() -> dict[str, Any]:
-    return json.loads(PRESETS_PATH.read_text())
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------------------------------------
-@dataclass
-class Tiling:
-    """Tile sizes in output pixels; 0 = never tile that stage. A stage is tiled only when the image exceeds it."""
-
-    cleaner_tile: int = 512  # stage-1 input pixels [--cleaner_tile_size 512]
-    cleaner_overlap: int = 256  # [--cleaner_tile_stride 256]
-    diffusion_tile: int = 1024  # [--cldm_tile_size 512], multiple of 64
-    diffusion_overlap: int = 512  # [--cldm_tile_stride 256 at 512]
-    vae: VAETiling = field(default_factory=VAETiling)
-
-    @classmethod
-    def off(cls) -> Tiling:
-        return cls(0, 0, 0, 0, VAETiling(encoder_tile=0, decoder_tile=0))
-
-
-@dataclass
-class DiffBIRConfig:
-    """One run's settings; ``from_preset`` fills them from ``diffbir_presets.json`` (official defaults)."""
-
-    version: str = "v2"
-    task: str = "sr"
-    upscale: float = 4.0
-    sampler: str = "spaced"  # spaced | ddim | dpm++_m2 | dpm++_3m_sde
-    steps: int = 50
-    cfg: float = 4.0  # classifier-free guidance scale; 1 = conditional only
-    rescale_cfg: bool = False  # official --rescale_cfg
-    pos_prompt: str = ""
-    neg_prompt: str = "low quality, blurry, low-resolution, noisy, unsharp, weird textures"
-    strength: float = 1.0  # control scale of all controls [--strength]
-    noise_aug: int = 0  # add noise of this timestep to the condition latent (v2.1) [--noise_aug]
-    start_point: str = "noise"  # noise | cond (SeeSR's LR embedding: x_T = q_sample(c_img, T-1))
-    prediction: str = "eps"  # eps (v1, v2) | v (v2.1)
-    zero_snr: bool = False  # zero-terminal-SNR schedule (v2.1)
-    color_fix: str = "wavelet"  # wavelet | adain | none (official v2/v2.1: always wavelet)
-    min_size: int = 512  # short side of the stage-2 input (official: 512)
-    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
-    tiling: Tiling = field(default_factory=Tiling)
-    dtype: torch.dtype = torch.float32  # UNet + ControlNet compute dtype (norms stay fp32)
-    offload: bool = False  # keep modules on the CPU except while used
-    batch_cfg: bool = True  # run cond and uncond as one batch (faster; False halves activation memory)
-
-    @classmethod
-    def from_preset(cls, version: str = "v2", task: str = "sr", **overrides: Any) -> DiffBIRConfig:
-        """Official defaults of ``version`` for ``task``, then ``overrides`` (None values are ignored)."""
-        if version not in VERSIONS:
-            raise BlindSRError(f"unknown DiffBIR version {version!r}; choose {', '.join(VERSIONS)}")
-        if task not in TASKS:
-            raise BlindSRError(f"unknown task {task!r}; choose {', '.join(TASKS)}")
-        p = presets()["versions"][version]
-        names = {f.name for f in fields(cls)}
-        base = {k: v for k, v in p.items() if k in names}
-        base.update(presets()["tasks"][task])
-        unknown = set(overrides) - names
-        if unknown:
-            raise BlindSRError(f"unknown DiffBIR setting(s): {', '.join(sorted(unknown))}")
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        cfg = cls(version=version, task=task, **{k: v for k, v in base.items() if k not in ("version", "task")})
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise BlindSRError(f"unknown sampler {self.sampler!r}; choose {', '.join(SAMPLERS)}")
-        if self.steps < 1 or self.upscale <= 0 or self.min_size < 0:
-            raise BlindSRError("--steps must be >= 1 and --upscale > 0")
-        if self.start_point not in ("noise", "cond"):
-            raise BlindSRError(f"start point must be noise or cond, not {self.start_point!r}")
-        if self.tiling.diffusion_tile % 64:
-            raise BlindSRError(f"diffusion tile {self.tiling.diffusion_tile} must be a multiple of 64 pixels")
-        Schedule(prediction=self.prediction, zero_snr=self.zero_snr).base()
-
-    @property
-    def schedule(self) -> Schedule:
-        return Schedule(prediction=self.prediction, zero_snr=self.zero_snr)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Weights: flag > environment variable > config file
-# ----------------------------------------------------------------------------------------------------------
-def config_file() -> Path:
-    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_FILE).expanduser()
-
-
-def read_config_file() -> dict[str, str]:
-    path = config_file()
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise BlindSRError(f"cannot read the weights config {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise BlindSRError(f"{path} must hold a JSON object of weight name -> path")
-    return {str(k): str(v) for k, v in data.items()}
-
-
-def resolve_weight(key: str, given: str | Path | None = None) -> Path:
-    """The path for weight ``key`` (e.g. ``diffbir_v2``): ``given`` (a flag), else ``$ENV``, else the config file.
-
-    A missing setting or file is one ``WeightsError`` line that names the flag and environment variable.
-    """
-    info = presets()["weights"].get(key)
-    if info is None:
-        raise BlindSRError(f"unknown weight name {key!r}")
-    how = f"pass {info['flag']} PATH or set {info['env']} (or \"{key}\" in {config_file()})"
-    source, value = info["flag"], given
-    if value is None and os.environ.get(info["env"]):
-        source, value = info["env"], os.environ[info["env"]]
-    if value is None:
-        value = read_config_file().get(key)
-        source = str(config_file())
-    if value is None:
-        raise WeightsError(f"no {info['what']} ({info['file']}): {how}")
-    path = Path(value).expanduser()
-    if not path.exists():
-        raise WeightsError(f"{info['what']} not found: {path} (from {source}); {how}")
-    return path
-
-
-@dataclass
-class WeightPaths:
-    cleaner_kind: str
-    cleaner: Path
-    sd: Path | None = None
-    controlnet: Path | None = None
-
-
-def resolve_weights(version: str, task: str, *, sd: str | Path | None = None, controlnet: str | Path | None = None,
-                    cleaner: str | Path | None = None, cleaner_kind: str | None = None,
-                    stage1_only: bool = False) -> WeightPaths:
-    """All paths a run needs; stage-1-only runs need the cleaner alone."""
-    p = presets()["versions"][version]
-    kind, cleaner_key = p["cleaner"][task]
-    if cleaner_kind and cleaner_kind != kind:  # another cleaner family: its preset weight key, if any
-        kind = cleaner_kind
-        cleaner_key = {"bsrnet": "bsrnet", "rrdbnet": "bsrnet", "realesrgan": "bsrnet",
-                      "scunet": "scunet_psnr"}.get(kind, "swinir_general")
-    paths = WeightPaths(kind, resolve_weight(cleaner_key, cleaner))
-    if not stage1_only:
-        paths.sd = resolve_weight(p["sd"], sd)
-        paths.controlnet = resolve_weight(p["controlnet"][task], controlnet)
-    return paths
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Helpers
-# ----------------------------------------------------------------------------------------------------------
-def resize_short_edge(x: Tensor, size: int) -> Tensor:
-    """Official ``resize_short_edge_to``: bicubic (antialiased) so that the short side is ``size``."""
-    h, w = x.shape[-2:]
-    if h == w:
-        out = (size, size)
-    elif h < w:
-        out = (size, int(w * size / h))
-    else:
-        out = (int(h * size / w), size)
-    return F.interpolate(x, size=out, mode="bicubic", antialias=True)
+from blindsr.diffusion.samplers import Generators, make_stepper, randn, sample
+from blindsr.errors import BlindSRError
+from blindsr.methods.diffbir.config import DiffBIRConfig
+from blindsr.methods.diffbir.denoiser import CLDMDenoiser
+from blindsr.methods.diffbir.guidance import GuidanceTarget, RestorationGuidance
+from blindsr.methods.diffbir.weights import WeightPaths
+from blindsr.models.sd.vae_tiling import tiled_decode, tiled_encode
+from blindsr.ops.colorfix import color_fix
+from blindsr.ops.precision import cast_keep_norms_fp32
+from blindsr.ops.resize import pad_to_multiple, resize_short_edge
 
 
 @dataclass
@@ -257,12 +76,12 @@ class DiffBIRPipeline:
         """Load the cleaner, SD (checkpoint file or diffusers folder) and the ControlNet from local paths."""
         from blindsr.models.ircontrolnet import IRControlNetConfig, load_official_controlnet
         from blindsr.models.restorers import load_restorer
-        from blindsr.models.sd import load_diffusers_folder, load_sd_checkpoint
+        from blindsr.models.sd import load_sd
 
         cleaner = load_restorer(paths.cleaner_kind, paths.cleaner)
         sd = controlnet = None
         if paths.sd is not None:
-            sd = load_diffusers_folder(paths.sd) if paths.sd.is_dir() else load_sd_checkpoint(paths.sd)
+            sd = load_sd(paths.sd)
             ccfg = IRControlNetConfig.from_unet_config(dict(sd.unet.config))
             controlnet = load_official_controlnet(paths.controlnet, ccfg)
         return cls(cleaner, sd, controlnet, config, device, tokenizer)
@@ -321,7 +140,7 @@ class DiffBIRPipeline:
     # -- stage 2 -----------------------------------------------------------------------------------------
     def _tokens(self, prompts: list[str]) -> Tensor:
         if self.tokenizer is None:
-            from blindsr.models.clip_tokenizer import load_tokenizer
+            from blindsr.models.sd.tokenizer import load_tokenizer
 
             self.tokenizer = load_tokenizer()
         return self.tokenizer(prompts)
@@ -359,7 +178,7 @@ class DiffBIRPipeline:
             return vae_decode(vae, q.to(vae.dtype), scale_factor=self.sd.scale_factor).float()
         return tiled_decode(dec, z, t.decoder_tile, t.overlap, t.decoder_margin)
 
-    def stage2(self, cond_img: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    def stage2(self, cond_img: Tensor, generator: Generators = None,
                progress: bool = False, timings: dict[str, float] | None = None) -> tuple[Tensor, list[float]]:
         """Diffusion restoration of the stage-1 image (B,3,H,W) -> (B,3,H,W) in about [0, 1]."""
         if self.sd is None:
@@ -374,7 +193,7 @@ class DiffBIRPipeline:
         c_txt, c_unc = self.encode_prompts(B)
         c_img = self.encode_condition(cond)
         h1, w1 = c_img.shape[-2:]
-        schedule, base = c.schedule, c.schedule.base()
+        base = c.process()
         T = base.num_timesteps
         if c.start_point == "cond":
             x_T = base.q_sample(c_img, torch.full((B,), T - 1, device=self.device),
@@ -389,14 +208,17 @@ class DiffBIRPipeline:
         denoiser = CLDMDenoiser(self.sd.unet, self.controlnet, c_img, c_txt, c_unc, cfg=c.cfg,
                                 rescale_cfg=c.rescale_cfg, strength=c.strength,
                                 tile=tile_px // 8 if diff_tiled else 0, overlap=c.tiling.diffusion_overlap // 8,
-                                batch_cfg=c.batch_cfg, dtype=c.dtype)
+                                batch_cfg=c.batch_cfg, dtype=c.dtype, prediction=c.prediction)
         guided = c.guidance.scale != 0
         guidance = RestorationGuidance(c.guidance, GuidanceTarget(cond, c_clean),
                                        self.decode) if guided else None
         t0 = time.perf_counter()
         extra = (self.sd.vae,) if guided else ()
+        stepper = make_stepper(c.sampler, base, c.steps, spacing="leading" if c.sampler == "ddim" else "linspace",
+                               var_type="fixed_small", unrescaled_betas=c.betas(zero_snr=False) if c.zero_snr else None,
+                               device=self.device)
         with self._on_device(self.sd.unet, self.controlnet, *extra):
-            z = sample(denoiser, x_T, schedule, c.sampler, c.steps, generator, guidance, progress)
+            z = sample(denoiser, x_T, stepper, generator, guidance=guidance, progress=progress)
         timings["sample"] = time.perf_counter() - t0
         timings["network_calls"] = float(denoiser.calls)
         t0 = time.perf_counter()
@@ -405,7 +227,7 @@ class DiffBIRPipeline:
         timings["decode"] = time.perf_counter() - t0
         return ((x[..., :h0, :w0] + 1) / 2).float(), (guidance.losses if guidance else [])
 
-    def __call__(self, lq: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None, *,
+    def __call__(self, lq: Tensor, generator: Generators = None, *,
                  stage1_only: bool = False, progress: bool = False) -> DiffBIRResult:
         """Restore ``lq`` ((B,3,h,w) or (3,h,w) in [0, 1]) to ``(h, w) x upscale``."""
         single = lq.ndim == 3

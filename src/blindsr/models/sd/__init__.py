@@ -1,4 +1,8 @@
-"""Stable Diffusion 2.1 parts (UNet, VAE, OpenCLIP ViT-H text tower) through diffusers / transformers.
+"""The SD 2.x family (SD 2.1, SD 2.1-base, SD-Turbo): UNet, VAE and OpenCLIP ViT-H text tower through
+diffusers / transformers. :func:`load_sd` takes an original checkpoint file or a local diffusers folder.
+
+The package also holds the family's tiled VAE (``vae_tiling``) and the CLIP tokenizer (``tokenizer``);
+fp16/bf16 with fp32 norms is ``blindsr.ops.precision.cast_keep_norms_fp32``.
 
 The modules are plain ``diffusers.UNet2DConditionModel``, ``diffusers.AutoencoderKL`` and
 ``transformers.CLIPTextModel``, built from JSON configs shipped in ``blindsr/configs/sd21`` (never from a hub).
@@ -32,7 +36,7 @@ if TYPE_CHECKING:  # heavy imports stay inside the functions
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "sd21"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "sd21"
 SCALE_FACTOR = 0.18215  # SD latent scale (LDM `scale_factor`, diffusers `scaling_factor`)
 
 # Prefixes of the three parts: (original SD checkpoint, DiffBIR ControlLDM state dict).
@@ -47,7 +51,7 @@ SD_PREFIXES = {
 # Configs
 # ----------------------------------------------------------------------------------------------------------
 def load_config(name: str) -> dict[str, Any]:
-    """A shipped SD 2.1 config: ``unet``, ``vae``, ``text_encoder`` or ``tokenizer``."""
+    """A shipped SD 2.1 config: ``unet``, ``vae`` or ``text_encoder``."""
     path = CONFIG_DIR / f"{name}.json"
     if not path.is_file():
         raise WeightsError(f"no shipped SD config named {name!r} (looked for {path})")
@@ -338,7 +342,8 @@ class StableDiffusion:
         return self
 
 
-def _freeze(*modules: torch.nn.Module) -> None:
+def freeze(*modules: torch.nn.Module) -> None:
+    """Eval mode, no gradients (frozen parts of a pipeline or a training recipe)."""
     for m in modules:
         m.eval().requires_grad_(False)
 
@@ -362,7 +367,7 @@ def load_sd_checkpoint(source: str | Path | Mapping[str, torch.Tensor], configs:
     load_converted(unet, convert_ldm_unet(parts["unet"], cfg["unet"]), "SD UNet", dtype)
     load_converted(vae, convert_ldm_vae(parts["vae"], cfg["vae"]), "SD VAE", dtype)
     load_text_encoder_state(text, convert_openclip_text(parts["clip"], cfg["text_encoder"]), dtype)
-    _freeze(unet, vae, text)
+    freeze(unet, vae, text)
     return StableDiffusion(unet, vae, text, float(cfg["vae"].get("scaling_factor", SCALE_FACTOR)))
 
 
@@ -396,8 +401,17 @@ def load_diffusers_folder(path: str | Path) -> StableDiffusion:
     unet = UNet2DConditionModel.from_pretrained(root / "unet", local_files_only=True)
     vae = AutoencoderKL.from_pretrained(root / "vae", local_files_only=True)
     text = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True)
-    _freeze(unet, vae, text)
+    freeze(unet, vae, text)
     return StableDiffusion(unet, vae, text, float(vae.config.scaling_factor))
+
+
+def load_sd(path: str | Path) -> StableDiffusion:
+    """SD 2.1 / 2.1-base / SD-Turbo (one architecture) from a checkpoint file (.ckpt/.safetensors, LDM layout)
+    or a local diffusers folder."""
+    p = Path(path)
+    if not p.exists():
+        raise WeightsError(f"Stable Diffusion weights not found: {p}")
+    return load_diffusers_folder(p) if p.is_dir() else load_sd_checkpoint(p)
 
 
 # ----------------------------------------------------------------------------------------------------------

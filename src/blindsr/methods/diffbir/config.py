@@ -1,0 +1,129 @@
+"""DiffBIR configuration: one run's settings (``DiffBIRConfig``, filled from the official presets in
+``configs/diffbir_presets.json``), the tiling of each stage and the SD training schedule.
+
+Samplers (``blindsr.diffusion.samplers``): ``ddpm`` (IDDPM respacing + ancestral DDPM with fixed-small variance;
+the paper setting, official "spaced"), ``ddim`` (eta 0, LDM "uniform" = leading timesteps 1, 1+T/S, ...),
+``dpm++_2m`` (DPM-Solver++(2M)) and ``dpm++_3m_sde`` (SDE-DPM-Solver++, order 3; our stand-in for v2.1's official
+k-diffusion ``edm_dpm++_3m_sde``), the last two on diffusers' scheduler. The old names ``spaced`` and
+``dpm++_m2`` are accepted (``SAMPLER_ALIASES``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from blindsr.config import from_dict
+from blindsr.diffusion.gaussian import GaussianDiffusion
+from blindsr.diffusion.schedules import get_betas
+from blindsr.errors import BlindSRError
+from blindsr.methods.diffbir.guidance import GuidanceConfig
+from blindsr.models.sd.vae_tiling import VAETiling
+from blindsr.registry import DIFFBIR_SAMPLERS as SAMPLERS
+from blindsr.registry import DIFFBIR_TASKS as TASKS
+from blindsr.registry import DIFFBIR_VERSIONS as VERSIONS
+
+PRESETS_PATH = Path(__file__).resolve().parents[2] / "configs" / "diffbir_presets.json"
+SAMPLER_ALIASES = {"spaced": "ddpm", "dpm++_m2": "dpm++_2m"}  # the names of earlier blindsr versions
+
+
+@lru_cache(maxsize=1)
+def presets() -> dict[str, Any]:
+    return json.loads(PRESETS_PATH.read_text())
+
+
+@dataclass
+class SDProcess:
+    """The SD training process (DiffBIR ``Diffusion``: scaled linear betas 0.00085 -> 0.012, T = 1000) and what
+    the UNet predicts; shared by the sampling config and the stage-2 training config."""
+
+    prediction: str = "eps"  # eps (v1, v2) | v (v2.1)
+    zero_snr: bool = False  # zero-terminal-SNR schedule (Lin et al. 2024; v2.1)
+
+    def betas(self, zero_snr: bool | None = None) -> Tensor:
+        return get_betas("scaled_linear", 1000, self.zero_snr if zero_snr is None else zero_snr)
+
+    def process(self) -> GaussianDiffusion:
+        if self.prediction not in ("eps", "v"):
+            raise BlindSRError(f"prediction must be eps or v, not {self.prediction!r}")
+        if self.zero_snr and self.prediction == "eps":
+            raise BlindSRError("zero-terminal-SNR needs v-prediction (eps is undefined at alpha_bar = 0)")
+        return GaussianDiffusion(self.betas())
+
+
+@dataclass
+class Tiling:
+    """Tile sizes in output pixels; 0 = never tile that stage. A stage is tiled only when the image exceeds it."""
+
+    cleaner_tile: int = 512  # stage-1 input pixels [--cleaner_tile_size 512]
+    cleaner_overlap: int = 256  # [--cleaner_tile_stride 256]
+    diffusion_tile: int = 1024  # [--cldm_tile_size 512], multiple of 64
+    diffusion_overlap: int = 512  # [--cldm_tile_stride 256 at 512]
+    vae: VAETiling = field(default_factory=VAETiling)
+
+    @classmethod
+    def off(cls) -> Tiling:
+        return cls(0, 0, 0, 0, VAETiling(encoder_tile=0, decoder_tile=0))
+
+
+@dataclass
+class DiffBIRConfig(SDProcess):
+    """One run's settings; ``from_preset`` fills them from ``diffbir_presets.json`` (official defaults)."""
+
+    version: str = "v2"
+    task: str = "sr"
+    upscale: float = 4.0
+    sampler: str = "ddpm"  # ddpm | ddim | dpm++_2m | dpm++_3m_sde
+    steps: int = 50
+    cfg: float = 4.0  # classifier-free guidance scale; 1 = conditional only
+    rescale_cfg: bool = False  # official --rescale_cfg
+    pos_prompt: str = ""
+    neg_prompt: str = "low quality, blurry, low-resolution, noisy, unsharp, weird textures"
+    strength: float = 1.0  # control scale of all controls [--strength]
+    noise_aug: int = 0  # add noise of this timestep to the condition latent (v2.1) [--noise_aug]
+    start_point: str = "noise"  # noise | cond (SeeSR's LR embedding: x_T = q_sample(c_img, T-1))
+    color_fix: str = "wavelet"  # wavelet | adain | none (official v2/v2.1: always wavelet)
+    min_size: int = 512  # short side of the stage-2 input (official: 512)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    tiling: Tiling = field(default_factory=Tiling)
+    dtype: torch.dtype = torch.float32  # UNet + ControlNet compute dtype (norms stay fp32)
+    offload: bool = False  # keep modules on the CPU except while used
+    batch_cfg: bool = True  # run cond and uncond as one batch (faster; False halves activation memory)
+
+    @classmethod
+    def from_preset(cls, version: str = "v2", task: str = "sr", **overrides: Any) -> DiffBIRConfig:
+        """Official defaults of ``version`` for ``task``, then ``overrides`` (None values are ignored)."""
+        if version not in VERSIONS:
+            raise BlindSRError(f"unknown DiffBIR version {version!r}; choose {', '.join(VERSIONS)}")
+        if task not in TASKS:
+            raise BlindSRError(f"unknown task {task!r}; choose {', '.join(TASKS)}")
+        p = presets()["versions"][version]
+        names = {f.name for f in fields(cls)}
+        base = {k: v for k, v in p.items() if k in names}
+        base.update(presets()["tasks"][task])
+        unknown = set(overrides) - names
+        if unknown:
+            raise BlindSRError(f"unknown DiffBIR setting(s): {', '.join(sorted(unknown))}")
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return from_dict(cls, {**base, "version": version, "task": task}, "diffbir")
+
+    def __post_init__(self) -> None:
+        self.sampler = SAMPLER_ALIASES.get(self.sampler, self.sampler)
+        self.validate()
+
+    def validate(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise BlindSRError(f"unknown sampler {self.sampler!r}; choose {', '.join(SAMPLERS)}")
+        if self.steps < 1 or self.upscale <= 0 or self.min_size < 0:
+            raise BlindSRError("--steps must be >= 1 and --upscale > 0")
+        if self.start_point not in ("noise", "cond"):
+            raise BlindSRError(f"start point must be noise or cond, not {self.start_point!r}")
+        if self.tiling.diffusion_tile % 64:
+            raise BlindSRError(f"diffusion tile {self.tiling.diffusion_tile} must be a multiple of 64 pixels")
+        self.process()

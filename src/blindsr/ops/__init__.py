@@ -1,0 +1,1 @@
+"""Small shared operations: tiling (one module for every tiler), resizing/padding, colour fix, precision."""
