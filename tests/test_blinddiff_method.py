@@ -340,3 +340,14 @@ def test_lam_ref_steps_keeps_the_total_pull(tiny):
     torch.testing.assert_close(a, plain(lr, lam=0.01 * 10 / 2, generator=gen(0)).sr, atol=1e-6, rtol=0)
     assert not torch.allclose(a, plain(lr, lam=0.01, generator=gen(0)).sr, atol=1e-4)
     assert torch.equal(scaled(lr, lam=0, generator=gen(0)).sr, plain(lr, lam=0, generator=gen(0)).sr)
+
+
+def test_process_fields_are_refused_per_call_and_tile_overlap_checked(pipe):
+    lr = torch.rand(1, 3, 8, 8, generator=gen(0))
+    for change in (dict(prediction="x0"), dict(schedule="cosine"), dict(diffusion_steps=200)):
+        with pytest.raises(BlindSRError, match="property of the model"):
+            pipe(lr, generator=gen(0), **change)
+    same = pipe(lr, generator=gen(0), prediction=pipe.config.prediction).sr  # restating the model's value is fine
+    assert torch.equal(same, pipe(lr, generator=gen(0)).sr)
+    with pytest.raises(BlindSRError, match="tile-overlap"):
+        pipe(lr, generator=gen(0), tile=64, tile_overlap=64)

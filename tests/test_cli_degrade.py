@@ -120,6 +120,8 @@ def test_overrides_and_scale(small_set, tmp_path):
     (["--preset", "classic", "--kernel-index", "2"], "gaussian8 only"),
     (["--preset", "motion-deblur", "--scale", "2"], "no scale"),
     (["--preset", "classic", "--set", "bogus=1"], "unknown option"),
+    (["--preset", "classic", "--set", "a.b=1"], "flat"),
+    (["--preset", "classic", "--set", "noise_max"], "KEY"),
     (["--preset", "gaussian8", "--kernel-index", "9"], "kernel_index"),
 ])
 def test_user_errors_are_one_line(small_set, tmp_path, capsys, argv, needle):
@@ -139,3 +141,10 @@ def test_keeps_going_past_a_bad_file(small_set, tmp_path, capsys):
     assert sorted(p.name for p in (out / "lr").iterdir()) == ["baby.png", "bird.png", "bird2.png", "head.png"]
     assert len(manifest(out)) == 4
     assert (out / "kernels" / "head.npy").is_file()
+
+
+def test_set_values_are_yaml_or_json():
+    from blindsr.cli.degrade import _parse_overrides
+
+    got = _parse_overrides(["kernel_list=[iso, aniso]", "noise-max=5", 'jpeg_range=[50, 95]', "name=x"])
+    assert got == {"kernel_list": ["iso", "aniso"], "noise_max": 5, "jpeg_range": [50, 95], "name": "x"}

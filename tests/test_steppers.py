@@ -324,3 +324,13 @@ def test_euler_matches_diffusers_in_sigma_space(sd_base, steps):
         sigma = stepper.init_noise_sigma
         eps = ours_model.raw(x_T / (1 + sigma**2) ** 0.5, torch.full((SHAPE[0],), T - 1))
         torch.testing.assert_close(ours[-1], x_T - sigma * eps, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["dpm++_2m", "euler", "ddpm"])
+def test_a_stepper_can_run_twice(sd_base, sampler):
+    """A multistep solver keeps state between steps: a second run of the same stepper starts afresh."""
+    model = ToyDenoiser(sd_base.alphas_cumprod, "eps")
+    stepper = make_stepper(sampler, sd_base, 5)
+    x_T = randn((1, 3, 4, 4), gen(0), dtype=torch.float64) * stepper.init_noise_sigma
+    first = sample(model, x_T, stepper, gen(1))
+    assert torch.equal(sample(model, x_T, stepper, gen(1)), first)

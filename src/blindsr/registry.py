@@ -39,9 +39,16 @@ REGISTRY: dict[str, dict[str, Any]] = {
 # modules import these (one list each).
 SAMPLERS = ("ddpm", "ddim", "dpm++_2m", "dpm++_3m_sde", "euler")  # blindsr.diffusion.samplers.make_stepper
 BLINDDIFF_SAMPLERS = ("ddpm", "ddim")  # the two with the kernel-aware gradient
+BLINDDIFF_NORMS = ("l2", "l2sq")  # guidance norm: official (DPS) | paper (squared)
+BLINDDIFF_DOWNS = ("bicubic", "stride")  # downsampling in the guidance operator
+BLINDDIFF_KERNEL_MODES = ("estimated", "bicubic")  # guidance kernel: the model's | identity (ablation)
 DIFFBIR_SAMPLERS = ("ddpm", "ddim", "dpm++_2m", "dpm++_3m_sde")
 DIFFBIR_VERSIONS = ("v1", "v2", "v2.1")
 DIFFBIR_TASKS = ("sr", "denoise", "face")
+DIFFBIR_START_POINTS = ("noise", "cond")
+DIFFBIR_COLOR_FIXES = ("wavelet", "adain", "none")
+DIFFBIR_GUIDANCE_SPACES = ("rgb", "latent")
+DIFFBIR_GUIDANCE_LOSSES = ("w_mse", "mse")
 RESTORER_KINDS = ("swinir", "bsrnet", "rrdbnet", "realesrgan", "scunet")
 
 

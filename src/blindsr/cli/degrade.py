@@ -35,7 +35,7 @@ def register(subparsers, help_: str) -> None:
     p.add_argument("--kernel-index", type=int, metavar="K",
                    help="gaussian8 only: use kernel K (0..7, sigma 1.8 + 0.2K) instead of all 8")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any preset config field (VALUE as JSON, e.g. noise_max=15 or "
+                   help="override any preset config field (VALUE as YAML or JSON, e.g. noise_max=15 or "
                         "jpeg_range=[50,95]); repeatable")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders of input folders")
     p.add_argument("--save-kernels", action="store_true", help="also write kernels/NAME.png and NAME.npy")
@@ -51,18 +51,15 @@ def image_seed(seed: int, name: str) -> int:
 
 
 def _parse_overrides(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` items (VALUE parsed as YAML, so JSON works too) as preset config overrides."""
+    from blindsr.config import apply_overrides
     from blindsr.errors import BlindSRError
 
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise BlindSRError(f"--set {item!r}: expected KEY=VALUE")
-        try:
-            out[key.strip().replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip().replace("-", "_")] = value
-    return out
+    out = apply_overrides({}, list(items))
+    nested = sorted(k for k, v in out.items() if isinstance(v, dict))
+    if nested:
+        raise BlindSRError(f"--set {nested[0]}.…: preset options are flat (KEY=VALUE)")
+    return {k.replace("-", "_"): v for k, v in out.items()}
 
 
 def build_degradation(args):

@@ -8,7 +8,7 @@ BLINDSR_SD21_ZSNR, BLINDSR_DIFFBIR_V1_GENERAL, BLINDSR_DIFFBIR_V1_FACE, BLINDSR_
 BLINDSR_BSRNET, BLINDSR_SCUNET_PSNR, BLINDSR_SWINIR_GENERAL, BLINDSR_SWINIR_FACE, BLINDSR_SWINIR_REALESRGAN) or a
 JSON file {"sd21": PATH, "diffbir_v2": PATH, "bsrnet": PATH, ...} at $BLINDSR_CONFIG or
 ~/.config/blindsr/weights.json. --sd also takes a local diffusers folder (unet/, vae/, text_encoder/).
-Presets (--version): v1 = spaced 50 steps, no CFG; v2 = paper setting (spaced 50, cfg 4, negative prompt);
+Presets (--version): v1 = ddpm 50 steps, no CFG; v2 = paper setting (ddpm 50, cfg 4, negative prompt);
 v2.1 = zero-SNR v-prediction, DPM-Solver++ 3M SDE 10 steps, cfg 8. Outputs are PNGs named after the inputs,
 written atomically; every image gets its own generator seeded with --seed (results do not depend on batching).
 """
@@ -24,7 +24,16 @@ DEFAULT_OUTPUT = "blindsr-restored"
 
 def register(subparsers, help_: str) -> None:
     from blindsr.cli.common import add_common
-    from blindsr.registry import DIFFBIR_SAMPLERS, DIFFBIR_TASKS, DIFFBIR_VERSIONS, RESTORER_KINDS
+    from blindsr.registry import (
+        DIFFBIR_COLOR_FIXES,
+        DIFFBIR_GUIDANCE_LOSSES,
+        DIFFBIR_GUIDANCE_SPACES,
+        DIFFBIR_SAMPLERS,
+        DIFFBIR_START_POINTS,
+        DIFFBIR_TASKS,
+        DIFFBIR_VERSIONS,
+        RESTORER_KINDS,
+    )
 
     p = subparsers.add_parser("restore", help=help_, description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,7 +50,8 @@ def register(subparsers, help_: str) -> None:
     w.add_argument("--cleaner-kind", choices=RESTORER_KINDS,
                    help="cleaner architecture (default by task: sr bsrnet, denoise scunet, face swinir for v2)")
     s = p.add_argument_group("sampling")
-    s.add_argument("--sampler", choices=[*DIFFBIR_SAMPLERS, "spaced", "dpm++_m2"], metavar="{" + ",".join(DIFFBIR_SAMPLERS) + "}",
+    s.add_argument("--sampler", choices=[*DIFFBIR_SAMPLERS, "spaced", "dpm++_m2"],
+                   metavar="{" + ",".join(DIFFBIR_SAMPLERS) + "}",
                    help="sampler (spaced and dpm++_m2: the earlier names of ddpm and dpm++_2m)")
     s.add_argument("--steps", type=int, help="sampling steps")
     s.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = off)")
@@ -50,13 +60,13 @@ def register(subparsers, help_: str) -> None:
     s.add_argument("--negative-prompt", dest="neg_prompt", help="negative prompt (the CFG's unconditional text)")
     s.add_argument("--strength", type=float, help="control strength (default 1)")
     s.add_argument("--noise-aug", type=int, help="noise the condition latent at this timestep (v2.1)")
-    s.add_argument("--start-point", choices=["noise", "cond"], help="x_T: pure noise or the noised condition")
-    s.add_argument("--color-fix", choices=["wavelet", "adain", "none"], help="colour correction (default wavelet)")
+    s.add_argument("--start-point", choices=DIFFBIR_START_POINTS, help="x_T: pure noise or the noised condition")
+    s.add_argument("--color-fix", choices=DIFFBIR_COLOR_FIXES, help="colour correction (default wavelet)")
     s.add_argument("--min-size", type=int, help="short side of the stage-2 input in pixels (default 512, official)")
     g = p.add_argument_group("restoration guidance (paper v2 §3.3)")
     g.add_argument("--guidance-scale", type=float, default=0.0, help="s (x3000 internally; README uses 0.5); 0 = off")
-    g.add_argument("--guidance-space", choices=["rgb", "latent"], default="rgb", help="default rgb (paper)")
-    g.add_argument("--guidance-loss", choices=["w_mse", "mse"], default="w_mse", help="default w_mse (region-adaptive)")
+    g.add_argument("--guidance-space", choices=DIFFBIR_GUIDANCE_SPACES, default="rgb", help="default rgb (paper)")
+    g.add_argument("--guidance-loss", choices=DIFFBIR_GUIDANCE_LOSSES, default="w_mse", help="default w_mse (region-adaptive)")
     g.add_argument("--guidance-start", type=int, default=1001, help="guide while stop < t+1 < start (default all)")
     g.add_argument("--guidance-stop", type=int, default=-1)
     g.add_argument("--guidance-repeat", type=int, default=1, help="gradient steps per sampling step")

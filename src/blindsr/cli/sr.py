@@ -19,15 +19,21 @@ DEFAULT_OUTPUT = "blindsr-output"
 
 def register(subparsers, help_: str) -> None:
     from blindsr.cli.common import add_common
-    from blindsr.registry import BLINDDIFF_SAMPLERS, names
+    from blindsr.registry import (
+        BLINDDIFF_DOWNS,
+        BLINDDIFF_KERNEL_MODES,
+        BLINDDIFF_NORMS,
+        BLINDDIFF_SAMPLERS,
+        names,
+    )
 
     p = subparsers.add_parser("sr", help=help_, description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
     p.add_argument("-o", "--output", default=DEFAULT_OUTPUT, metavar="OUTDIR",
                    help=f"output folder (default: ./{DEFAULT_OUTPUT})")
-    if len(names("sr")) > 1:  # a second registered SR method brings the flag
-        p.add_argument("--method", default=names("sr")[0], choices=names("sr"), help="SR method")
+    p.add_argument("--method", default=names("sr")[0], choices=names("sr"),
+                   help=f"SR method (default: {names('sr')[0]})")
     p.add_argument("--ckpt", metavar="FILE", help="checkpoint (.safetensors/.pth) with its config in the metadata "
                    "or a sidecar .json; default: the embedded BlindDiff-S model")
     p.add_argument("--steps", type=int, help="sampling steps (respaced; default: the model's: 3 for the embedded "
@@ -35,10 +41,10 @@ def register(subparsers, help_: str) -> None:
     p.add_argument("--lambda", dest="lam", type=float,
                    help="kernel-aware gradient step (default: the model's, 1; 0 = off, faster); a model with "
                         "lam_ref_steps N applies LAMBDA*N/steps per step")
-    p.add_argument("--norm", choices=["l2", "l2sq"], help="guidance norm: l2 (official) or l2sq (paper)")
-    p.add_argument("--down", choices=["bicubic", "stride"], help="downsampling in the guidance operator")
+    p.add_argument("--norm", choices=BLINDDIFF_NORMS, help="guidance norm: l2 (official) or l2sq (paper)")
+    p.add_argument("--down", choices=BLINDDIFF_DOWNS, help="downsampling in the guidance operator")
     p.add_argument("--x0-reg", type=float, help="weight of the official extra ||x0|| term (default 0.1; 0 = paper)")
-    p.add_argument("--kernel-mode", choices=["estimated", "bicubic"],
+    p.add_argument("--kernel-mode", choices=BLINDDIFF_KERNEL_MODES,
                    help="guidance kernel: estimated by the model, or identity ('bicubic' ablation)")
     p.add_argument("--sampler", choices=BLINDDIFF_SAMPLERS,
                    help="ddpm: ancestral with learned variance (official, default); ddim: deterministic (eta 0)")
@@ -66,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from blindsr.device import make_generator, resolve_device
     from blindsr.errors import BlindSRError
     from blindsr.io.images import check_output_path, output_path_for
-    from blindsr.registry import names, resolve
+    from blindsr.registry import resolve
 
     if args.batch_size < 1:
         raise BlindSRError("--batch-size must be at least 1")
@@ -79,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     inputs = [f for f, _ in items]
     targets = {f: output_path_for(f, root, out_dir, ".png") for f, root in items}
     device = resolve_device(args.device)
-    pipe = resolve("sr", getattr(args, "method", names("sr")[0]))(args.ckpt, device=device)
+    pipe = resolve("sr", args.method)(args.ckpt, device=device)
     progress = not args.quiet and sys.stderr.isatty()
     opts = dict(steps=args.steps, lam=args.lam, norm=args.norm, down=args.down, x0_reg=args.x0_reg,
                 kernel_mode=args.kernel_mode, sampler=args.sampler, start=args.start, tile=args.tile,

@@ -69,7 +69,7 @@ class StepState:
     eps: Tensor
     x0: Tensor  # predicted x0 (after any replacement by the guidance)
     out: ModelOutput
-    x0_weight: float  # coefficient of x0 in the next sample (scales guidance steps in x0)
+    x0_weight: float  # the stepper's coefficient of x0 in the next sample (ddpm, ddim; 1 for diffusers solvers)
     x_prev: Tensor | None = None  # the next sample; set before the callback runs
 
 
@@ -100,6 +100,8 @@ def randn(shape: Sequence[int], generator: Generators, device: torch.device | st
 # ---------------------------------------------------------------------------------------------- steppers
 class _ProcessStepper:
     """Shared part of the DDPM and DDIM steppers: a (respaced) process walked from ``t_start`` down to 0."""
+
+    init_noise_sigma = 1.0  # x_T = noise (variance-preserving samples)
 
     def __init__(self, process: GaussianDiffusion, t_start: int | None = None):
         self.process = process
@@ -184,17 +186,21 @@ class SchedulerStepper:
 
     def __init__(self, scheduler, base: GaussianDiffusion, steps: int, device: torch.device | str = "cpu",
                  noise: bool = False):
-        import warnings
-
         if scheduler.config.prediction_type != "sample":
             raise ValueError("SchedulerStepper feeds x0: build the scheduler with prediction_type='sample'")
-        with warnings.catch_warnings():  # numpy-2 DeprecationWarning inside diffusers' sigma computation
-            warnings.simplefilter("ignore", DeprecationWarning)
-            scheduler.set_timesteps(steps, device=device)
-        self.scheduler, self.base, self.noise = scheduler, base, noise
+        self.scheduler, self.base, self.noise, self.steps, self.device = scheduler, base, noise, steps, device
+        self._reset()
         self.init_noise_sigma = float(scheduler.init_noise_sigma)
         self.sigma_space = self.init_noise_sigma != 1.0  # Euler-type: samples are x0 + sigma * eps
         self._x: Tensor | None = None  # the current sample in the scheduler's own coordinates
+
+    def _reset(self) -> None:
+        """(Re)start the scheduler: a multistep solver keeps the previous outputs, so every run starts afresh."""
+        import warnings
+
+        with warnings.catch_warnings():  # numpy-2 DeprecationWarning inside diffusers' sigma computation
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.scheduler.set_timesteps(self.steps, device=self.device)
 
     def __len__(self) -> int:
         return len(self.scheduler.timesteps)
@@ -207,11 +213,13 @@ class SchedulerStepper:
         return extract(self.base.alphas_cumprod, t, like)
 
     def model_input(self, i: int, x: Tensor) -> Tensor:
+        if i == 0 and self._x is not None:  # a second run of the same stepper
+            self._reset()
         self._x = x
         return self.scheduler.scale_model_input(x, self.scheduler.timesteps[i]) if self.sigma_space else x
 
     def x0_weight(self, i: int) -> float:
-        return 1.0
+        return 1.0  # guidance moves x0 itself (DiffBIR official for its DPM solvers): no step-size correction
 
     def step(self, i: int, state: StepState, generator: Generators) -> Tensor:
         x = self._x
@@ -254,7 +262,8 @@ def make_stepper(sampler: str, base: GaussianDiffusion, steps: int, *, spacing: 
                  unrescaled_betas: Tensor | None = None, device: torch.device | str = "cpu"):
     """The stepper of a named sampler (``SAMPLERS``) over the model's training process ``base``.
 
-    ``spacing`` (ddpm / ddim): see :func:`timesteps_for`. ``t_start`` (ddpm / ddim): the fraction of the
+    ``spacing`` (ddpm / ddim): see :func:`timesteps_for`. The caller draws x_T as noise times
+    ``stepper.init_noise_sigma`` (1 except for Euler, whose samples live in sigma space). ``t_start`` (ddpm / ddim): the fraction of the
     process to run, ending at t = 0 (SDEdit-style; the caller noises x_T to ``stepper.timestep(0)``).
     ``unrescaled_betas``: for a zero-terminal-SNR ``base``, its betas before the rescale (diffusers' solvers
     rescale them themselves)."""

@@ -54,15 +54,15 @@ def run_training(cfg: RunConfig, *, device: str = "auto", resume: str | None = N
         raise BlindSRError(f"config: method {cfg.method!r}: choose one of {', '.join(registry.names('recipe'))}")
     torch.manual_seed(cfg.train.seed)  # the model's initial weights (everything else has its own generators)
     recipe = registry.resolve("recipe", cfg.method)(cfg)
-    export = recipe.export or next(iter(recipe.modules))
-    if cfg.train.init_from:  # before the trainer copies the model into its EMA
+    trainer = Trainer(recipe.modules, recipe.steps, recipe.dataset, cfg.output, train=cfg.train, optim=cfg.optim,
+                      module_optim=recipe.module_optim, module_ema=recipe.module_ema, export=recipe.export,
+                      batch_size=cfg.data.batch_size, workers=cfg.data.workers, validate_fn=recipe.validate_fn,
+                      device=device, export_metadata=recipe.export_metadata, progress=progress)
+    export = trainer.export_name
+    if cfg.train.init_from:  # before fit() copies the model into its EMA
         from blindsr.io.weights import load_into, load_state_dict
 
         load_into(recipe.modules[export], load_state_dict(cfg.train.init_from))
-    trainer = Trainer(recipe.modules, recipe.steps, recipe.dataset, cfg.output, train=cfg.train, optim=cfg.optim,
-                      module_optim=recipe.module_optim, module_ema=recipe.module_ema, export=export,
-                      batch_size=cfg.data.batch_size, workers=cfg.data.workers, validate_fn=recipe.validate_fn,
-                      device=device, export_metadata=recipe.export_metadata, progress=progress)
     if trainer.is_main:
         run_dir = Path(cfg.output)
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -26,12 +26,11 @@ from blindsr.diffusion.gaussian import GaussianDiffusion
 from blindsr.diffusion.parameterization import check_kind
 from blindsr.diffusion.respace import make_diffusion
 from blindsr.errors import BlindSRError
-from blindsr.registry import BLINDDIFF_SAMPLERS
+from blindsr.registry import BLINDDIFF_DOWNS, BLINDDIFF_KERNEL_MODES, BLINDDIFF_NORMS, BLINDDIFF_SAMPLERS
 
-NORMS = ("l2", "l2sq")
-DOWNS = ("bicubic", "stride")
-KERNEL_MODES = ("estimated", "bicubic")
-SAMPLERS = BLINDDIFF_SAMPLERS
+NORMS, DOWNS, KERNEL_MODES, SAMPLERS = BLINDDIFF_NORMS, BLINDDIFF_DOWNS, BLINDDIFF_KERNEL_MODES, BLINDDIFF_SAMPLERS
+# fields that define the model's diffusion process: fixed when the model is loaded, not per call
+PROCESS_FIELDS = ("diffusion_steps", "schedule", "train_respacing", "prediction")
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -71,6 +70,8 @@ class BlindDiffConfig:
             raise BlindSRError(f"start must be in (0, 1], got {self.start}")
         if self.sample_steps < 1:
             raise BlindSRError("--steps must be at least 1")
+        if self.tile is not None and not 0 <= self.tile_overlap < self.tile:
+            raise BlindSRError(f"--tile-overlap must be in [0, tile), got tile={self.tile} overlap={self.tile_overlap}")
 
     def train_diffusion(self) -> GaussianDiffusion:
         return make_diffusion(self.diffusion_steps, self.schedule, self.train_respacing)

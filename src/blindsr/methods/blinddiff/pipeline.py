@@ -31,7 +31,7 @@ from blindsr.diffusion.samplers import (
 from blindsr.diffusion.tiling import tiled
 from blindsr.errors import BlindSRError, WeightsError
 from blindsr.methods.base import SRResult
-from blindsr.methods.blinddiff.config import BlindDiffConfig
+from blindsr.methods.blinddiff.config import PROCESS_FIELDS, BlindDiffConfig
 from blindsr.models.mcformer import predicted_kernels, unwrap_model
 from blindsr.ops.resize import pad_to_multiple
 from blindsr.ops.tiling import Box
@@ -128,6 +128,9 @@ class BlindDiffPipeline:
         unknown = set(changes) - {f.name for f in dataclasses.fields(BlindDiffConfig)}
         if unknown:
             raise TypeError(f"unknown BlindDiff setting(s): {', '.join(sorted(unknown))}")
+        fixed = sorted(k for k in set(changes) & set(PROCESS_FIELDS) if changes[k] != getattr(self.config, k))
+        if fixed:
+            raise BlindSRError(f"{', '.join(fixed)}: a property of the model (set in its config), not of a call")
         cfg = dataclasses.replace(self.config, **changes)  # validates every choice
         if lr.ndim != 4 or lr.shape[1] != 3:
             raise BlindSRError(f"BlindDiff expects LR images (B, 3, h, w), got {tuple(lr.shape)}")
@@ -159,8 +162,8 @@ class BlindDiffPipeline:
         if cfg.start < 1.0:  # x_{t0} = q_sample(bicubic↑y, t0): skip the high-noise steps (not Algorithm 2)
             from blindsr.degradations.operators import imresize
 
-            abar = stepper.abar(0, x_T)
-            x_T = abar.sqrt() * imresize(lr_p, scale=s).clamp(0, 1) + (1 - abar).sqrt() * x_T
+            t0 = torch.full((b,), stepper.indices[0], device=dev, dtype=torch.long)
+            x_T = stepper.process.q_sample(imresize(lr_p, scale=s).clamp(0, 1), t0, x_T)
         was_training = self.model.training
         self.model.eval()
         try:

@@ -25,6 +25,7 @@ from blindsr.diffusion.schedules import get_betas
 from blindsr.errors import BlindSRError
 from blindsr.methods.diffbir.guidance import GuidanceConfig
 from blindsr.models.sd.vae_tiling import VAETiling
+from blindsr.registry import DIFFBIR_COLOR_FIXES, DIFFBIR_START_POINTS
 from blindsr.registry import DIFFBIR_SAMPLERS as SAMPLERS
 from blindsr.registry import DIFFBIR_TASKS as TASKS
 from blindsr.registry import DIFFBIR_VERSIONS as VERSIONS
@@ -122,8 +123,10 @@ class DiffBIRConfig(SDProcess):
             raise BlindSRError(f"unknown sampler {self.sampler!r}; choose {', '.join(SAMPLERS)}")
         if self.steps < 1 or self.upscale <= 0 or self.min_size < 0:
             raise BlindSRError("--steps must be >= 1 and --upscale > 0")
-        if self.start_point not in ("noise", "cond"):
+        if self.start_point not in DIFFBIR_START_POINTS:
             raise BlindSRError(f"start point must be noise or cond, not {self.start_point!r}")
+        if self.color_fix not in DIFFBIR_COLOR_FIXES:
+            raise BlindSRError(f"colour fix must be one of {', '.join(DIFFBIR_COLOR_FIXES)}, not {self.color_fix!r}")
         if self.tiling.diffusion_tile % 64:
             raise BlindSRError(f"diffusion tile {self.tiling.diffusion_tile} must be a multiple of 64 pixels")
         self.process()

@@ -4,7 +4,7 @@ Public API:
 - ``build_restorer(kind, config=None)``: a randomly initialised model (full DiffBIR config by default);
 - ``load_restorer(kind, path, device="cpu", dtype=None)``: a pretrained model in eval mode, sizes read back
   from the checkpoint, keys checked strictly;
-- ``restore_tiled(model, img, tile, overlap, blend="gaussian")``: run any of them tile by tile.
+- ``restore_tiled(model, img, tile, overlap, window="gaussian")``: run any of them tile by tile.
 
 Kinds: ``swinir`` (x1), ``rrdbnet`` (aliases ``bsrnet``, ``realesrgan``; x4), ``scunet`` (x1).
 """
