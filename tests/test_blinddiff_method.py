@@ -25,6 +25,7 @@ from blindsr.methods.blinddiff import (
 )
 from blindsr.methods.blinddiff.losses import fit_kernel
 from blindsr.models.mcformer import MCFormer, MCFormerConfig
+from blindsr.ops.tiling import tile_boxes
 
 
 def gen(seed: int) -> torch.Generator:
@@ -351,3 +352,40 @@ def test_process_fields_are_refused_per_call_and_tile_overlap_checked(pipe):
     assert torch.equal(same, pipe(lr, generator=gen(0)).sr)
     with pytest.raises(BlindSRError, match="tile-overlap"):
         pipe(lr, generator=gen(0), tile=64, tile_overlap=64)
+
+
+def test_choose_tile_fits_the_budget():
+    from blindsr.ops.tiling import choose_tile
+
+    assert choose_tile(64, 64, 10**9, 1000.0, 100.0) is None  # the whole image fits
+    t = choose_tile(1024, 768, 1024**3, 30_000.0, 512.0, align=8, overlap=32)
+    assert t % 8 == 0 and t >= 64 and t * t * 30_000 + 1024 * 768 * 512 <= 1024**3
+    with pytest.raises(BlindSRError, match="max-memory"):
+        choose_tile(4096, 4096, 10 * 1024**2, 30_000.0, 512.0, overlap=32)
+
+
+def test_max_memory_tiles_the_denoiser_automatically(tiny):
+    """A budget below the untiled need makes the pipeline tile (more network calls per step, same result
+    as an explicit tile of that size); a budget that fits leaves the image whole."""
+    calls = []
+    handle = tiny.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        from blindsr.device import resident_memory
+
+        p = BlindDiffPipeline(tiny, BlindDiffConfig(sample_steps=2, tile_overlap=8))
+        lr = torch.rand(1, 3, 32, 32, generator=gen(0))  # 128 x 128 output
+        need = 128 * 128 * (tiny.config.activation_bytes_per_pixel(False) + 512)
+        p(lr, generator=gen(1), lam=0)  # warm-up: the first call imports and allocates
+        calls.clear()
+        whole = p(lr, generator=gen(1), lam=0, max_memory=resident_memory() + int(2 * need))
+        assert len(calls) == 2
+        tile = p.auto_tile(1, 128, 128, resident_memory() + int(need / 3), guided=False, overlap=8)
+        assert tile is not None and tile < 128
+        calls.clear()
+        auto = p(lr, generator=gen(1), lam=0, max_memory=resident_memory() + int(need / 3))
+        n_tiles = len(tile_boxes(128, 128, tile, 8, 8))
+        assert len(calls) == 2 * n_tiles > 2
+        torch.testing.assert_close(auto.sr, p(lr, generator=gen(1), lam=0, tile=tile).sr, atol=1e-6, rtol=0)
+        assert (auto.sr - whole.sr).abs().mean() < 0.05  # tiled ~ untiled (MDTA attention is global per tile)
+    finally:
+        handle.remove()

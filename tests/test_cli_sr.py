@@ -112,3 +112,15 @@ def test_sr_errors(ckpt, tmp_path, capsys, monkeypatch):
 
     assert main(["sr", str(tmp_path / "nothing-here"), "--ckpt", str(ckpt)]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_inputs_with_the_same_output_name_are_refused_before_work(ckpt, tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    img = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    img.save(src / "ok.png")
+    img.save(src / "ok.bmp")
+    rc = main(["sr", str(src), "-o", str(tmp_path / "out"), "--ckpt", str(ckpt), "--device", "cpu", "--overwrite"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "would both be written" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

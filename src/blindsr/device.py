@@ -57,3 +57,63 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     else:
         g.manual_seed(int(seed))
     return g
+
+
+GIB = 1024**3
+DEFAULT_MAX_MEMORY = 3 * GIB  # the CLI's ceiling for --max-memory auto
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes this process may still use: free VRAM on CUDA, MemAvailable (Linux) on the CPU; 0 if unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def resident_memory() -> int:
+    """Bytes this process holds now (RSS on Linux; 0 if unknown)."""
+    try:
+        with open("/proc/self/statm") as f:
+            import os
+
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes so far: CUDA's allocator peak on CUDA, the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def memory_budget(spec: str | float | None, device: torch.device) -> int | None:
+    """``--max-memory``: ``auto`` (min(3 GiB, 75% of what is available); on CUDA 75% of free VRAM), a number
+    of GiB, or ``none``/None (no automatic tiling). Returns bytes or None."""
+    if spec is None or (isinstance(spec, str) and spec.lower() == "none"):
+        return None
+    if isinstance(spec, str) and spec.lower() == "auto":
+        avail = available_memory(device)
+        if device.type == "cuda":
+            return int(0.75 * avail)
+        return int(min(DEFAULT_MAX_MEMORY, 0.75 * avail)) if avail else DEFAULT_MAX_MEMORY
+    try:
+        gib = float(spec)
+    except ValueError:
+        raise BlindSRError(f"--max-memory {spec!r}: give a number of GiB, 'auto' or 'none'") from None
+    if gib <= 0:
+        raise BlindSRError(f"--max-memory {spec!r}: must be positive")
+    return int(gib * GIB)

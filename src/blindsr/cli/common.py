@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,52 +23,142 @@ def add_common(parser: argparse.ArgumentParser, device: bool = True, seed: bool 
                         help="show full tracebacks on errors")
 
 
+# Files skipped while listing the inputs (non-images, broken links), as "path (reason)": printed when they are
+# found and again in the end-of-run report of ``run_batch``. ``blindsr.cli.main`` clears it for each command.
+_skipped: list[str] = []
+
+
+def clear_skipped() -> None:
+    _skipped.clear()
+
+
+def with_name(name: str, message: str) -> str:
+    """``message`` prefixed with ``name`` unless it already starts with it (most file errors do)."""
+    if message == name or message.startswith((f"{name}:", f"{name} ")):
+        return message
+    return f"{name}: {message}"
+
+
 def run_batch(items: Iterable[Any], fn: Callable[[Any], str | None], name: Callable[[Any], str] = str,
               quiet: bool = False) -> int:
     """Apply ``fn`` to each item, keep going past user errors, report failures at the end.
 
     ``fn`` returns an optional one-line message that is printed per item. Returns the exit code:
     0 when all succeeded, 3 when some failed (the failures are listed on stderr), 2 when all failed.
+    Each error line names its item once (``name(item): message``). The end-of-run report also lists the
+    files that ``collect_inputs`` / ``list_inputs`` skipped.
     """
     from blindsr.errors import BlindSRError
 
     items = list(items)
-    failed: list[tuple[str, str]] = []
+    failed: list[str] = []
     for item in items:
         try:
             msg = fn(item)
             if msg and not quiet:
                 print(msg, flush=True)
         except BlindSRError as e:
-            failed.append((name(item), str(e)))
-            print(f"blindsr: error: {e}", file=sys.stderr, flush=True)
+            failed.append(with_name(name(item), str(e)))
+            print(f"blindsr: error: {failed[-1]}", file=sys.stderr, flush=True)
     if failed:
         print(f"blindsr: {len(failed)} of {len(items)} input(s) failed:", file=sys.stderr)
-        for n, msg in failed:
-            print(f"  {n}: {msg}", file=sys.stderr)
+        for line in failed:
+            print(f"  {line}", file=sys.stderr)
+    if _skipped:
+        print(f"blindsr: skipped {len(_skipped)} file(s) that are not images: {_some(_skipped)}", file=sys.stderr)
+        _skipped.clear()
+    if failed:
         return 2 if len(failed) == len(items) else 3
     return 0
+
+
+def _some(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f", and {len(names) - n} more" if len(names) > n else "")
+
+
+def list_inputs(arg: str | Path, recursive: bool = False) -> list[Path]:
+    """The image files of one input argument (a folder, or a file that must be an image).
+
+    Files skipped inside a folder (non-images, broken links) are reported as one stderr line per folder and
+    remembered for the end-of-run report; an explicitly named file that is not an image, or a missing path,
+    is a one-line :class:`BlindSRError` saying what is wrong with it.
+    """
+    from blindsr.errors import BlindSRError
+    from blindsr.io.images import is_broken_link, list_images, not_image_reason
+
+    with warnings.catch_warnings(record=True):  # reported below as one line
+        warnings.simplefilter("always")
+        files, skipped = list_images([arg], recursive=recursive)
+    if skipped and not Path(arg).is_dir():
+        raise BlindSRError(f"{arg}: not an image ({not_image_reason(skipped[0]) or 'not an image file'})")
+    links = [s for s in skipped if is_broken_link(s)]
+    others = [s for s in skipped if not is_broken_link(s)]
+    if others:
+        names = _some([_rel(s, arg) for s in others], 3)
+        print(f"blindsr: skipped {len(others)} non-image file(s) in {arg}: {names}", file=sys.stderr)
+    if links:
+        print(f"blindsr: skipped {len(links)} broken symbolic link(s) in {arg}: "
+              + _some([f"{_rel(s, arg)} (to {os.readlink(s)})" for s in links], 3),
+              file=sys.stderr)
+    _skipped.extend(f"{s} (broken link)" if s in links else str(s) for s in skipped)
+    return files
+
+
+def _rel(path: Path, folder: str | Path) -> str:
+    try:
+        return path.relative_to(folder).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def collect_inputs(inputs: list[str], recursive: bool) -> list[tuple[Path, Path | None]]:
     """(file, folder input it came from or None), in argument order, duplicates removed.
 
-    Non-image files inside folders are reported as one stderr line per folder; a missing path raises."""
-    from blindsr.io.images import list_images
+    Non-image files and broken links inside folders are reported (one stderr line per folder, and again at the
+    end of the run); a missing path raises. An explicitly named file that is not an image gets one line saying
+    so: an error when nothing else is left to do, else a ``skipped`` line and the run goes on.
+    """
+    from blindsr.errors import BlindSRError
 
-    out, seen = [], set()
+    clear_skipped()
+    out, seen, refused = [], set(), []
     for arg in inputs:
-        with warnings.catch_warnings(record=True):  # reported below as one line
-            files, skipped = list_images([arg], recursive=recursive)
-        if skipped:
-            names = ", ".join(s.name for s in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
-            print(f"blindsr: skipped {len(skipped)} non-image file(s) in {arg}: {names}", file=sys.stderr)
+        try:
+            files = list_inputs(arg, recursive)
+        except BlindSRError as e:
+            if not Path(arg).exists() or Path(arg).is_dir():
+                raise  # a missing path (or a folder that cannot be listed)
+            refused.append((arg, str(e)))
+            continue
         root = Path(arg) if Path(arg).is_dir() else None
         for f in files:
             if f.resolve() not in seen:
                 seen.add(f.resolve())
                 out.append((f, root))
+    if refused and not out:
+        more = f" (and {len(refused) - 1} more input(s) that are not images)" if len(refused) > 1 else ""
+        raise BlindSRError(refused[0][1] + more)
+    for arg, msg in refused:
+        print(f"blindsr: skipped {msg}", file=sys.stderr)
+        _skipped.append(f"{arg} (not an image)")
     return out
+
+
+def check_unique_outputs(targets: Mapping[Path, Path]) -> None:
+    """Refuse, in one line naming both inputs, two inputs that would write the same output.
+
+    ``targets``: input file -> its output path (``a.bmp`` and ``a.jpg`` both -> ``out/a.png``). Call it before
+    any work: with ``--overwrite`` the second would silently replace the first, without it fail as "exists".
+    """
+    from blindsr.errors import BlindSRError
+
+    first: dict[str, Path] = {}
+    for f, target in targets.items():
+        key = os.path.normcase(os.path.abspath(target))
+        if key in first:
+            raise BlindSRError(f"{first[key]} and {f} would both be written to {target}; rename one of them "
+                               "or process them in separate runs")
+        first[key] = f
 
 
 def run_grouped(files: list[Path], batch_size: int, load: Callable[[Path], Any],

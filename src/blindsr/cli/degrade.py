@@ -21,7 +21,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from blindsr.cli.common import add_common, run_batch
+from blindsr.cli.common import add_common, check_unique_outputs, collect_inputs, run_batch
 from blindsr.registry import names
 
 
@@ -87,31 +87,40 @@ def run(args) -> int:
     from blindsr.degradations.pipelines import config_dict
     from blindsr.device import resolve_device
     from blindsr.errors import BlindSRError
-    from blindsr.io.images import atomic_write, check_output_path, list_images, load_image, output_path_for
+    from blindsr.io.images import (
+        atomic_write,
+        check_output_folder,
+        check_output_path,
+        load_image,
+        output_name,
+    )
 
     deg = build_degradation(args)
     device = resolve_device(args.device)
-    files, _ = list_images(args.input, recursive=args.recursive)
+    files = [f for f, _ in collect_inputs(args.input, recursive=args.recursive)]
     if not files:
         raise BlindSRError(f"no images found in {', '.join(map(str, args.input))}")
-    out = args.output
-    if out.exists() and not out.is_dir():
-        raise BlindSRError(f"--output {out}: exists and is not a folder")
+    out = check_output_folder(args.output, files, option="--output")
     manifest, preset_json = out / "manifest.jsonl", out / "preset.json"
     for path in (manifest, preset_json):
         check_output_path(path, overwrite=args.overwrite, inputs=files)
     roots = {f: next((r for r in args.input if r.is_dir() and _is_under(f, r)), None) for f in files}
+    names = {f: output_name(f, roots[f], suffix=".png").as_posix() for f in files}
+    check_unique_outputs({f: out / "lr" / names[f] for f in files})  # ok.bmp + ok.jpg -> lr/ok.png
     all_sigmas = args.preset == "gaussian8" and deg.config.kernel_index is None
     records: list[dict] = []
     bar = tqdm(total=len(files), desc="degrade", unit="img", disable=None)
 
     def process(path: Path) -> None:
-        name = output_path_for(path, roots[path], Path("."), suffix=".png").as_posix()
+        name = names[path]
         seed = image_seed(args.seed, name)
         img = load_image(path)
         hr = img.rgb.unsqueeze(0).to(device)
-        with torch.no_grad():
-            res = deg(hr, torch.Generator().manual_seed(seed))
+        try:
+            with torch.no_grad():
+                res = deg(hr, torch.Generator().manual_seed(seed))
+        except BlindSRError as e:  # the preset's message names no file (e.g. "image (0, 0) is smaller ...")
+            raise BlindSRError(f"{path} ({img.width}x{img.height}): {e}") from None
         recs = []
         for i, params in enumerate(res.params):
             sub = out / f"sig{params['sigma']:.1f}" if all_sigmas else out

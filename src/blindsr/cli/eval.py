@@ -86,11 +86,13 @@ def pair_files(pred: Path, gt: Path, recursive: bool = False, pred_suffix: str =
     if pred.is_file() and gt.is_file():
         return [(gt.stem, pred, gt)], [], [], []
     if pred.is_file() or gt.is_file():
-        raise BlindSRError("--pred and --gt must both be folders or both be files")
-    from blindsr.io.images import list_images
+        kind = {True: "file", False: "folder"}
+        raise BlindSRError(f"--pred {pred} is a {kind[pred.is_file()]} but --gt {gt} is a {kind[gt.is_file()]}: "
+                           "give two folders or two files")
+    from blindsr.cli.common import list_inputs
 
-    preds, dup_p = _keys(pred, list_images(pred, recursive)[0], pred_suffix)
-    gts, dup_g = _keys(gt, list_images(gt, recursive)[0])
+    preds, dup_p = _keys(pred, list_inputs(pred, recursive), pred_suffix)
+    gts, dup_g = _keys(gt, list_inputs(gt, recursive))
     pairs = [(k, preds[k], gts[k]) for k in gts if k in preds]  # in the GT folder's natural order
     if not pairs:
         raise BlindSRError(f"no prediction in {pred} matches a ground truth in {gt} by name"
@@ -239,8 +241,12 @@ def run(args) -> int:
     def step(pair) -> None:
         name, pf, gf = pair
         try:
-            scores = score_pair(read_image(pf), read_image(gf), per_image, nets, args.crop_border,
-                                args.y_channel, args.modcrop)
+            pred_img, gt_img = read_image(pf), read_image(gf)  # their errors name the file
+            try:
+                scores = score_pair(pred_img, gt_img, per_image, nets, args.crop_border, args.y_channel,
+                                    args.modcrop)
+            except BlindSRError as e:  # a size mismatch, a crop too large: about the pair
+                raise BlindSRError(f"{pf} vs {gf}: {e}") from None
             rows.append({"name": name, "pred": str(pf), "gt": str(gf), **scores})
         except BlindSRError as e:
             errors[name] = str(e)
@@ -248,7 +254,7 @@ def run(args) -> int:
         finally:
             bar.update(1)
 
-    rc = run_batch(pairs, step, name=lambda p: p[0])
+    rc = run_batch(pairs, step, name=lambda p: str(p[1]))
     bar.close()
     if no_pred:
         print(f"blindsr: {len(no_pred)} ground truth(s) have no prediction: {_some(no_pred)}", file=sys.stderr)

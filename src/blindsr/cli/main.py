@@ -2,7 +2,8 @@
 
 Each command lives in its own module ``blindsr.cli.<name>`` exposing ``register(subparsers)``;
 those modules import only the standard library at top level so ``blindsr --help`` is fast.
-User errors (``BlindSRError``) print one line and exit non-zero; ``--debug`` shows the traceback.
+User errors (``BlindSRError``) print one line and exit non-zero; ``--debug`` shows the traceback. Python
+warnings that reach the user print as one ``blindsr: warning: ...`` line (``--debug``: Python's format).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from blindsr import __version__
 
@@ -41,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = str(message).strip().splitlines()
+    print(f"blindsr: warning: {text[0] if text else category.__name__}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     from blindsr.errors import BlindSRError
 
@@ -50,8 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = bool(getattr(args, "debug", False))
+    from blindsr.cli.common import clear_skipped
+
+    clear_skipped()
     try:
-        rc = args.func(args)
+        with warnings.catch_warnings():
+            if not debug:  # a warning that reaches the user is one line, without Python's source line
+                warnings.showwarning = _one_line_warning
+            rc = args.func(args)
         return int(rc or 0)
     except BlindSRError as e:
         if debug:

@@ -120,7 +120,7 @@ def build_config(args: argparse.Namespace, device):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from blindsr.cli.common import collect_inputs, run_grouped
+    from blindsr.cli.common import check_unique_outputs, collect_inputs, run_grouped
     from blindsr.device import make_generator, resolve_device
     from blindsr.errors import BlindSRError
     from blindsr.io.images import check_output_path, load_image, output_path_for
@@ -137,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
                             cleaner_kind=args.cleaner_kind, stage1_only=args.stage1_only)
     inputs = [f for f, _ in items]
     targets = {f: output_path_for(f, root, Path(args.output), ".png") for f, root in items}
+    check_unique_outputs(targets)  # before any model is loaded
     for f in inputs:  # fail before loading gigabytes of weights
         check_output_path(targets[f], overwrite=args.overwrite, inputs=inputs)
     pipe = DiffBIRPipeline.from_paths(config, paths, device)

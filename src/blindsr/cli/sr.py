@@ -51,7 +51,11 @@ def register(subparsers, help_: str) -> None:
     p.add_argument("--start", type=float, metavar="S",
                    help="1 (default) = from pure noise (Algorithm 2); S < 1 = from bicubic-upsampled input noised to "
                    "S*T, running only those steps (SDEdit/StableSR-style)")
-    p.add_argument("--tile", type=int, metavar="T", help="HR tile size for large images (default: whole image)")
+    p.add_argument("--tile", type=int, metavar="T",
+                   help="HR tile size of the denoiser (default: chosen from --max-memory; whole image if it fits)")
+    p.add_argument("--max-memory", default="auto", metavar="GIB",
+                   help="memory budget that picks the tile size: GiB, 'auto' (default: min(3 GiB, 75%% of the free "
+                        "RAM); on CUDA 75%% of the free VRAM) or 'none' (never tile unless --tile)")
     p.add_argument("--tile-overlap", type=int, metavar="P", help="HR overlap between tiles (default 32)")
     p.add_argument("--batch-size", type=int, default=1, metavar="B", help="images per batch (same size only)")
     p.add_argument("--save-kernel", action="store_true", help="also write NAME_kernel.png and NAME_kernel.npy")
@@ -68,8 +72,8 @@ def register(subparsers, help_: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from blindsr.cli.common import collect_inputs, run_grouped
-    from blindsr.device import make_generator, resolve_device
+    from blindsr.cli.common import check_unique_outputs, collect_inputs, run_grouped
+    from blindsr.device import make_generator, memory_budget, resolve_device
     from blindsr.errors import BlindSRError
     from blindsr.io.images import check_output_path, output_path_for
     from blindsr.registry import resolve
@@ -84,23 +88,21 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.output)
     inputs = [f for f, _ in items]
     targets = {f: output_path_for(f, root, out_dir, ".png") for f, root in items}
+    check_unique_outputs(targets)  # before any model is loaded
     device = resolve_device(args.device)
+    budget = memory_budget(args.max_memory, device)
     pipe = resolve("sr", args.method)(args.ckpt, device=device)
     progress = not args.quiet and sys.stderr.isatty()
     opts = dict(steps=args.steps, lam=args.lam, norm=args.norm, down=args.down, x0_reg=args.x0_reg,
                 kernel_mode=args.kernel_mode, sampler=args.sampler, start=args.start, tile=args.tile,
-                tile_overlap=args.tile_overlap, return_trajectory=args.save_trajectory, progress=progress)
+                tile_overlap=args.tile_overlap, return_trajectory=args.save_trajectory, progress=progress,
+                max_memory=budget)
     # the config's own choices are validated by BlindDiffConfig (dataclasses.replace in the pipeline)
-    used: dict[Path, Path] = {}  # resolved output -> the input writing it
 
     def prepare(f: Path):
         from blindsr.io.images import load_image
 
-        target = targets[f]
-        if target.resolve() in used:
-            raise BlindSRError(f"output {target} would also be written by {used[target.resolve()]}; rename one")
-        used[target.resolve()] = f
-        check_output_path(target, overwrite=args.overwrite, inputs=inputs)
+        check_output_path(targets[f], overwrite=args.overwrite, inputs=inputs)
         return load_image(f)
 
     def infer(imgs: list):
@@ -108,12 +110,12 @@ def run(args: argparse.Namespace) -> int:
         return pipe(lr, generator=[make_generator(args.seed, "cpu") for _ in imgs], **opts)
 
     def write(f: Path, img, res, i: int, dt: float) -> str:
-        return _write(f, img, res, i, targets[f], pipe.scale, dt, args, inputs)
+        return _write(f, img, res, i, targets[f], pipe.scale, dt, args, inputs, device)
 
     return run_grouped(inputs, args.batch_size, prepare, infer, write, quiet=args.quiet)
 
 
-def _write(f: Path, img, res, i: int, target: Path, scale: int, dt: float, args, inputs) -> str:
+def _write(f: Path, img, res, i: int, target: Path, scale: int, dt: float, args, inputs, device) -> str:
     """Write the SR image (gray / alpha as the input) and the optional kernel / trajectory files."""
     from blindsr.cli.common import write_like_input
 
@@ -130,7 +132,10 @@ def _write(f: Path, img, res, i: int, target: Path, scale: int, dt: float, args,
         extra.append("trajectory")
     h, w = img.height, img.width
     more = f" (+{', '.join(extra)})" if extra else ""
-    return f"{f.name}: {w}x{h} -> {w * scale}x{h * scale} in {dt:.1f}s -> {target}{more}"
+    from blindsr.device import GIB, peak_memory
+
+    return (f"{f.name}: {w}x{h} -> {w * scale}x{h * scale} in {dt:.1f}s (peak memory so far "
+            f"{peak_memory(device) / GIB:.2f} GiB) -> {target}{more}")
 
 
 def _write_trajectory(stem: Path, res, i: int, overwrite: bool) -> None:

@@ -13,6 +13,8 @@ wrapped function is called as ``model_fn(x_tile, t, box=Box(...))`` in x_t pixel
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.utils.checkpoint
 from torch import Tensor
@@ -22,12 +24,13 @@ from blindsr.ops.tiling import Accumulator, Box, gaussian_window, tile_boxes
 
 
 def tiled(model_fn: ModelFn, tile: int, overlap: int = 32, *, align: int = 8, sigma: float = 0.25,
-          pass_box: bool = False, checkpoint: bool = True) -> ModelFn:
+          pass_box: bool = False, checkpoint: bool = True, on_tile: Callable[[], object] | None = None) -> ModelFn:
     """Wrap ``model_fn`` so it runs on overlapping tiles and blends their outputs (same denoiser contract).
 
     ``checkpoint``: when autograd is on (guidance), each tile's activations are dropped after its forward
     pass and recomputed during the backward pass (``torch.utils.checkpoint``), so the memory of a
-    whole-image gradient is about one tile's, at the cost of a second forward per tile."""
+    whole-image gradient is about one tile's, at the cost of a second forward per tile.
+    ``on_tile``: called after every tile's forward pass (progress bars)."""
     if tile <= 0 or overlap < 0 or overlap >= tile:
         raise ValueError(f"need 0 <= overlap < tile (got tile={tile}, overlap={overlap})")
 
@@ -43,7 +46,10 @@ def tiled(model_fn: ModelFn, tile: int, overlap: int = 32, *, align: int = 8, si
         H, W = x.shape[-2:]
         boxes = tile_boxes(H, W, tile, overlap, align)
         if len(boxes) == 1:
-            return call(x, t, boxes[0])
+            out = call(x, t, boxes[0])
+            if on_tile is not None:
+                on_tile()
+            return out
         mask = gaussian_window(boxes[0].height, boxes[0].width, sigma, x.device)
         wsum = torch.zeros(H, W, device=x.device, dtype=torch.float32)
         for b in boxes:
@@ -60,6 +66,8 @@ def tiled(model_fn: ModelFn, tile: int, overlap: int = 32, *, align: int = 8, si
 
         for b in boxes:
             out = call(x[..., b.slices[0], b.slices[1]], t, b)
+            if on_tile is not None:
+                on_tile()
             kind = out.kind
             share = float((mask / wsum[b.slices]).sum()) / (H * W)
             add("pred", out.pred, b, share)

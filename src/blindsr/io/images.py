@@ -14,17 +14,22 @@ Reading (:func:`load_image`, :func:`read_image`)
       :func:`write_image` (``alpha=``) to recombine.
     - Decompression-bomb guard: the pixel count is read from the header and checked against ``max_pixels``
       (default :data:`DEFAULT_MAX_PIXELS`, overridden by the environment variable ``BLINDSR_MAX_PIXELS``)
-      before anything is decoded. Pillow's own ceiling (``2 * PIL.Image.MAX_IMAGE_PIXELS``, ~179 MP) still
-      applies above that.
-    - Every failure is an :class:`~blindsr.errors.ImageError` with a one-line message naming the file.
+      before anything is decoded. That limit governs Pillow's own check too: while blindsr opens and decodes
+      a file, ``PIL.Image.MAX_IMAGE_PIXELS`` is set to it (and restored after), so the setting can raise the
+      limit past Pillow's default ceiling (~179 MP) as well as lower it.
+    - Every failure is an :class:`~blindsr.errors.ImageError` with a one-line message naming the file. Pillow's
+      warnings about a file (e.g. "Corrupt EXIF data", after which the EXIF orientation is ignored) come back
+      as one ``UserWarning`` whose message starts with the file's path.
 
 Writing (:func:`write_image`, :func:`atomic_write`, :func:`write_bytes_atomic`)
     The format follows the suffix. Data go to a temp file in the destination folder, are fsynced, then renamed
     over the destination, so a crash never leaves a half-written output. Outputs never replace an input, and
     replace an existing file only with ``overwrite=True``. Metadata (EXIF, ICC) is not written.
 
-Folders (:func:`list_images`, :func:`output_path_for`)
-    Files and folders in, image files out (natural order), plus the non-image files that were skipped.
+Folders (:func:`list_images`, :func:`output_path_for`, :func:`check_output_folder`)
+    Files and folders in, image files out (natural order), plus the non-image files (and broken symbolic
+    links) that were skipped; :func:`not_image_reason` says why a file is not taken as an image. Output paths
+    are refused early when the output folder is a file (an input, say) or an output would be its own input.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import re
 import secrets
 import struct
 import sys
+import threading
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator
@@ -106,30 +112,79 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> LoadedImage:
     limit = default_max_pixels() if max_pixels is None else max_pixels
     _check_readable(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with warnings.catch_warnings(record=True) as caught, _pillow_pixel_limit(limit):
+            warnings.simplefilter("always")
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own check below
             with Image.open(path, formats=_READ_FORMATS) as im:
                 w, h = im.size
                 if w * h > limit:
-                    raise ImageError(f"{path}: {w}x{h} = {w * h / 1e6:.1f} megapixels is over the limit of "
-                                     f"{limit / 1e6:.1f} (set BLINDSR_MAX_PIXELS to raise it)")
+                    raise ImageError(f"{path}: {w}x{h} = {_mp(w * h)} is {_over(limit)}")
                 arr, bit_depth = _decode(im, path)
                 orientation = _exif_orientation(im)
     except BlindSRError:
         raise
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{path}: over the limit of Pillow's decompression-bomb check ({_first_line(e)})") from None
+    except Image.DecompressionBombError as e:  # Pillow's check, run at our limit (over 2x it, or a tile)
+        count = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{_mp(int(count[1]))} is " if count else ""
+        raise ImageError(f"{path}: {size}{_over(limit)}") from None
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image, or not a format blindsr reads "
                          "(PNG, JPEG, WebP, TIFF, BMP)") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as e:
         raise ImageError(f"{path}: corrupt or truncated image ({_first_line(e)})") from None
+    _rewarn(caught, path)
     arr = _apply_orientation(arr, orientation)
     t = torch.from_numpy(np.require(arr.transpose(2, 0, 1), requirements=["C", "W"]))
     is_gray = t.shape[0] in (1, 2)
     color, alpha = (t[:-1], t[-1:]) if t.shape[0] in (2, 4) else (t, None)
     rgb = color.expand(3, -1, -1).contiguous() if is_gray else color
     return LoadedImage(rgb=rgb, alpha=alpha, is_gray=is_gray, bit_depth=bit_depth, path=path)
+
+
+def _mp(pixels: int) -> str:
+    return f"{pixels / 1e6:.1f} megapixels" if pixels >= 100_000 else f"{pixels} pixels"
+
+
+def _over(limit: int) -> str:
+    return f"over the limit of {_mp(limit)} (set BLINDSR_MAX_PIXELS to raise it)"
+
+
+def _rewarn(caught: list, path: Path) -> None:
+    """Pillow's warnings while reading ``path``, again as one-line UserWarnings naming the file."""
+    seen = set()
+    for w in caught:
+        if issubclass(w.category, Image.DecompressionBombWarning):
+            continue
+        text = " ".join(_first_line(w.message).split())
+        if not issubclass(w.category, UserWarning):  # e.g. a DeprecationWarning: not about the file
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        elif text not in seen:
+            seen.add(text)
+            hint = " (EXIF ignored: the image is not rotated)" if "EXIF" in text else ""
+            warnings.warn(f"{path}: {text}{hint}", UserWarning, stacklevel=3)
+
+
+# Pillow's decompression-bomb ceiling is the module global PIL.Image.MAX_IMAGE_PIXELS. While blindsr reads a
+# file it is set to the largest limit in use (each call also checks its own limit from the header); the
+# count of active readers makes overlapping reads in threads restore the user's value exactly once.
+_PIL_LOCK = threading.Lock()
+_pil_limits: list[int] = []
+_pil_saved: list = []
+
+
+@contextlib.contextmanager
+def _pillow_pixel_limit(limit: int) -> Iterator[None]:
+    with _PIL_LOCK:
+        if not _pil_limits:
+            _pil_saved[:] = [Image.MAX_IMAGE_PIXELS]
+        _pil_limits.append(limit)
+        Image.MAX_IMAGE_PIXELS = max(_pil_limits)
+    try:
+        yield
+    finally:
+        with _PIL_LOCK:
+            _pil_limits.remove(limit)
+            Image.MAX_IMAGE_PIXELS = max(_pil_limits) if _pil_limits else _pil_saved.pop()
 
 
 def _first_line(e: BaseException) -> str:
@@ -243,7 +298,8 @@ def _apply_orientation(a: np.ndarray, orientation: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- writing
 
 def check_output_path(path: str | Path, *, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Path:
-    """Raise a :class:`BlindSRError` if ``path`` is one of ``inputs``, or exists and ``overwrite`` is False.
+    """Raise a :class:`BlindSRError` if ``path`` is one of ``inputs``, or exists and ``overwrite`` is False, or
+    cannot be created because a folder above it is a file.
 
     Call it before expensive work so a doomed run fails at once; the writers call it again.
     """
@@ -255,9 +311,39 @@ def check_output_path(path: str | Path, *, overwrite: bool = False, inputs: Iter
             raise BlindSRError(f"{path}: refusing to write over an input file")
     if path.is_dir():
         raise BlindSRError(f"{path}: is a folder")
+    blocker = _file_above(path)
+    if blocker is not None:
+        raise BlindSRError(f"{path}: cannot be written: {blocker} is a file, not a folder")
     if path.exists() and not overwrite:
         raise BlindSRError(f"{path}: output exists (use --overwrite to replace it)")
     return path
+
+
+def _file_above(path: Path) -> Path | None:
+    """The nearest existing folder-to-be above ``path`` when it is not a folder (a file), else None."""
+    for parent in path.parents:
+        if parent.exists() or parent.is_symlink():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def check_output_folder(out_dir: str | Path, inputs: Iterable[str | Path] = (), option: str = "-o/--output") -> Path:
+    """Raise a one-line :class:`BlindSRError` unless ``out_dir`` is a folder or can be made one.
+
+    An input file given as the output folder (``blindsr sr photo.png -o photo.png``) is named as such; any
+    other existing file, or a file where a parent folder should be, is refused too. ``option``: the flag to
+    name in the message. Cheap (a few ``stat`` calls): call it before loading models.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        for inp in map(Path, inputs):
+            if inp.exists() and os.path.samefile(inp, out_dir):
+                raise BlindSRError(f"{option} {out_dir}: is an input file; give an output folder")
+        raise BlindSRError(f"{option} {out_dir}: exists and is not a folder; give an output folder")
+    blocker = _file_above(out_dir)
+    if blocker is not None:
+        raise BlindSRError(f"{option} {out_dir}: cannot create this folder: {blocker} is a file, not a folder")
+    return out_dir
 
 
 @contextlib.contextmanager
@@ -443,11 +529,12 @@ def _paeth_filter(raw: np.ndarray, bpp: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- folders
 
 def list_images(paths: str | Path | Iterable[str | Path], recursive: bool = False) -> tuple[list[Path], list[Path]]:
-    """(image files, skipped non-image files) from files and folders; a missing path is an :class:`ImageError`.
+    """(image files, skipped files) from files and folders; a missing path is an :class:`ImageError`.
 
     Arguments keep their order; each folder's files come in natural order ("img2" before "img10"). Hidden
     files and folders inside a folder are ignored. A file counts as an image when its suffix is one of
-    :data:`IMAGE_SUFFIXES` and its first bytes are an image signature. Skipped files trigger one warning.
+    :data:`IMAGE_SUFFIXES` and its first bytes are an image signature (:func:`not_image_reason` says why not);
+    broken symbolic links inside a folder are skipped files too. Skipped files trigger one warning.
     """
     if isinstance(paths, str | Path):
         paths = [paths]
@@ -456,6 +543,8 @@ def list_images(paths: str | Path | Iterable[str | Path], recursive: bool = Fals
     seen: set[Path] = set()
     for p in map(Path, paths):
         if not p.exists():
+            if p.is_symlink():
+                raise ImageError(f"{p}: broken symbolic link (to {os.readlink(p)}, which does not exist)")
             raise ImageError(f"{p}: no such file or folder")
         candidates = [p] if not p.is_dir() else sorted(_walk(p, recursive), key=lambda f: natural_key(f.relative_to(p)))
         for f in candidates:
@@ -465,9 +554,13 @@ def list_images(paths: str | Path | Iterable[str | Path], recursive: bool = Fals
             seen.add(key)
             (files if is_image_file(f) else skipped).append(f)
     if skipped:
-        names = ", ".join(str(s) for s in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        names = ", ".join(_skipped_name(s) for s in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
         warnings.warn(f"skipped {len(skipped)} non-image file(s): {names}", stacklevel=2)
     return files, skipped
+
+
+def _skipped_name(path: Path) -> str:
+    return f"{path} (broken link)" if is_broken_link(path) else str(path)
 
 
 def _walk(folder: Path, recursive: bool) -> Iterator[Path]:
@@ -477,8 +570,14 @@ def _walk(folder: Path, recursive: bool) -> Iterator[Path]:
         if entry.is_dir():
             if recursive:
                 yield from _walk(entry, recursive)
-        elif entry.is_file():
+        elif entry.is_file() or is_broken_link(entry):  # a broken link is reported as skipped, not dropped
             yield entry
+
+
+def is_broken_link(path: str | Path) -> bool:
+    """A symbolic link whose target does not exist."""
+    path = Path(path)
+    return path.is_symlink() and not path.exists()
 
 
 def is_image_file(path: str | Path) -> bool:
@@ -491,7 +590,35 @@ def is_image_file(path: str | Path) -> bool:
             head = f.read(16)
     except OSError:
         return False
+    return _has_signature(head)
+
+
+def _has_signature(head: bytes) -> bool:
     return head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
+def not_image_reason(path: str | Path) -> str | None:
+    """Why :func:`is_image_file` rejects ``path``, as a short phrase; None when it is an image file."""
+    path = Path(path)
+    if is_broken_link(path):
+        return f"broken symbolic link to {os.readlink(path)}"
+    if not path.exists():
+        return "no such file"
+    if path.is_dir():
+        return "a folder"
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        what = f"suffix {path.suffix!r}" if path.suffix else "no suffix"
+        return f"{what}; image files end in {', '.join(IMAGE_SUFFIXES)}"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        return f"cannot read it: {e.strerror or type(e).__name__}"
+    if not head:
+        return "empty file"
+    if not _has_signature(head):
+        return f"its contents are not {path.suffix.lstrip('.').upper()} data (no PNG/JPEG/WebP/TIFF/BMP signature)"
+    return None
 
 
 def natural_key(path: str | Path) -> tuple:
@@ -506,10 +633,22 @@ def output_path_for(input_path: str | Path, input_root: str | Path | None, out_d
 
     Sub-folders under ``input_root`` (a recursive folder input) are kept; an input outside ``input_root`` (or
     ``input_root=None``) lands directly in ``out_dir``. ``suffix=None`` keeps the input's suffix.
+    Raises a one-line :class:`BlindSRError` at once (before any expensive work) when ``out_dir`` is a file
+    (:func:`check_output_folder`: e.g. the input itself, ``-o photo.png``) or the output would be the input.
     """
+    input_path = Path(input_path)
+    check_output_folder(out_dir, [input_path])
+    target = Path(out_dir) / output_name(input_path, input_root, suffix)
+    if target.resolve() == input_path.resolve() or (target.exists() and os.path.samefile(target, input_path)):
+        raise BlindSRError(f"{input_path}: its output {target} would replace the input; choose another output folder")
+    return target
+
+
+def output_name(input_path: str | Path, input_root: str | Path | None, suffix: str | None = ".png") -> Path:
+    """The relative part of :func:`output_path_for` (no checks): the path under ``input_root`` or the name."""
     input_path = Path(input_path)
     rel = Path(input_path.name)
     if input_root is not None and Path(input_root).is_dir():
         with contextlib.suppress(ValueError):
             rel = input_path.resolve().relative_to(Path(input_root).resolve())
-    return Path(out_dir) / (rel if suffix is None else rel.with_suffix(suffix))
+    return rel if suffix is None else rel.with_suffix(suffix)

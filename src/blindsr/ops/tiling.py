@@ -153,3 +153,22 @@ def tiled_map(fn: Callable[[Tensor], Tensor], x: Tensor, *, tile: int, overlap: 
             ramp_window(b.scaled(f), (H * f, W * f), overlap * f, y.device)
         acc.add(core, b.scaled(f), w)
     return acc.result(dtype)
+
+
+def choose_tile(height: int, width: int, budget: int, per_tile_pixel: float, per_image_pixel: float, *,
+                align: int = 8, overlap: int = 0) -> int | None:
+    """The largest tile (a multiple of ``align``) whose work fits ``budget`` bytes, or None when the whole
+    image fits untiled. Memory model: ``per_tile_pixel`` bytes for every pixel of the window being processed
+    (activations) plus ``per_image_pixel`` bytes for every pixel of the whole image (the sample, its blended
+    outputs, the gradient canvas). A budget too small for the smallest useful tile is a one-line error."""
+    pixels = height * width
+    if pixels * (per_tile_pixel + per_image_pixel) <= budget:
+        return None
+    room = budget - pixels * per_image_pixel
+    smallest = (overlap // align + 1) * align * 2  # at least twice the overlap, so tiles make progress
+    side = int((max(room, 0) / per_tile_pixel) ** 0.5) // align * align
+    if side < smallest:
+        need = (pixels * per_image_pixel + smallest**2 * per_tile_pixel) / 1024**3
+        raise BlindSRError(f"a {width}x{height} output needs about {need:.1f} GiB even with {smallest}-pixel tiles; "
+                           "raise --max-memory")
+    return side

@@ -34,7 +34,7 @@ from blindsr.methods.base import SRResult
 from blindsr.methods.blinddiff.config import PROCESS_FIELDS, BlindDiffConfig
 from blindsr.models.mcformer import predicted_kernels, unwrap_model
 from blindsr.ops.resize import pad_to_multiple
-from blindsr.ops.tiling import Box
+from blindsr.ops.tiling import Box, tile_boxes
 
 
 def degrade(x: Tensor, kernel: Tensor | None, scale: int, down: str = "bicubic") -> Tensor:
@@ -115,13 +115,15 @@ class BlindDiffPipeline:
         return fn
 
     def __call__(self, lr: Tensor, *, steps: int | None = None, generator: Generators = None,
-                 return_trajectory: bool = False, progress: bool = False, **overrides: Any) -> SRResult:
+                 return_trajectory: bool = False, progress: bool = False, max_memory: int | None = None,
+                 **overrides: Any) -> SRResult:
         """Super-resolve ``lr`` (B, 3, h, w) in [0, 1].
 
         ``steps``: sampling steps (default ``config.sample_steps``); ``overrides``: any other
         ``BlindDiffConfig`` field for this call (``lam``, ``norm``, ``tile``, ``sampler``, ...; None = the
         config's). ``generator``: one generator, or a list with one per image (then each image's result does
-        not depend on the batch it is in)."""
+        not depend on the batch it is in). ``max_memory``: a budget in bytes; when no ``tile`` is set, the
+        denoiser is tiled just enough to fit it (:meth:`auto_tile`). ``progress``: one bar over steps x tiles."""
         changes = {k: v for k, v in overrides.items() if v is not None}
         if steps is not None:
             changes["sample_steps"] = steps
@@ -140,8 +142,16 @@ class BlindDiffPipeline:
         stepper = make_stepper(cfg.sampler, self._base, cfg.sample_steps, spacing="linspace",
                                t_start=cfg.start if cfg.start < 1.0 else None)
         fn = self.model_fn(lr_p)
-        if cfg.tile is not None:
-            fn = tiled(fn, cfg.tile, cfg.tile_overlap, align=math.lcm(8, s), pass_box=True)
+        H, W = lr_p.shape[-2] * s, lr_p.shape[-1] * s
+        tile = cfg.tile if cfg.tile is not None or max_memory is None else \
+            self.auto_tile(b, H, W, max_memory, guided=cfg.lam != 0, overlap=cfg.tile_overlap)
+        n_tiles = 1 if tile is None else len(tile_boxes(H, W, tile, cfg.tile_overlap, math.lcm(8, s)))
+        bar = _progress_bar(len(stepper) * n_tiles, progress)
+        if tile is not None:
+            fn = tiled(fn, tile, cfg.tile_overlap, align=math.lcm(8, s), pass_box=True,
+                       on_tile=bar.update if bar is not None else None)
+        elif bar is not None:
+            fn = _counting(fn, bar)
         n = stepper.process.num_timesteps
         step_lam = cfg.lam * cfg.lam_ref_steps / n if cfg.lam_ref_steps else cfg.lam
         guidance = KernelGuidance(lr_p, s, lambda raw: predicted_kernels(self.model, raw), step_lam, cfg.norm,
@@ -167,9 +177,11 @@ class BlindDiffPipeline:
         was_training = self.model.training
         self.model.eval()
         try:
-            x0 = sample(fn, x_T, stepper, generator, guidance=guidance, callback=callback, progress=progress)
+            x0 = sample(fn, x_T, stepper, generator, guidance=guidance, callback=callback)
         finally:
             self.model.train(was_training)
+            if bar is not None:
+                bar.close()
         if not torch.isfinite(x0).all():  # e.g. a guidance step far too large for the norm: never write NaNs
             raise BlindSRError(f"sampling diverged (non-finite values) with --lambda {cfg.lam} --norm {cfg.norm}; "
                                "use a smaller --lambda")
@@ -177,6 +189,42 @@ class BlindDiffPipeline:
                         kernels_traj=torch.stack(kernels) if return_trajectory else None,
                         x0_traj=torch.stack(x0s) if return_trajectory else None,
                         traj_steps=sorted(snap) if return_trajectory else None)
+
+
+    def auto_tile(self, batch: int, height: int, width: int, budget: int, *, guided: bool = True,
+                  overlap: int = 32) -> int | None:
+        """The HR tile that keeps one sampling step within ``budget`` bytes (None: no tiling needed).
+
+        Per tile pixel: the model's activations (``MCFormerConfig.activation_bytes_per_pixel``; with the
+        guidance, one tile's forward + backward: tiles are checkpointed). Per image pixel: 512 bytes for the
+        full-size sample, the blended outputs, the posterior and the gradient (measured about 400 on CPU).
+        On the CPU the memory this process already holds is taken off the budget."""
+        from blindsr.device import resident_memory
+        from blindsr.ops.tiling import choose_tile
+
+        mcfg = unwrap_model(self.model).config
+        per_tile = batch * mcfg.activation_bytes_per_pixel(grad=guided)
+        used = resident_memory() if self.device.type == "cpu" else 0
+        return choose_tile(height, width, budget - used, per_tile, batch * 512.0, align=math.lcm(8, self.scale),
+                           overlap=overlap)
+
+
+def _progress_bar(total: int, enabled: bool):
+    """One bar per call over steps x tiles (tqdm's ETA), or None."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="sampling", leave=False, dynamic_ncols=True)
+
+
+def _counting(fn: Callable[..., ModelOutput], bar) -> Callable[..., ModelOutput]:
+    """``fn`` that advances ``bar`` once per call (an untiled denoiser: once per step)."""
+    def counted(x: Tensor, t: Tensor) -> ModelOutput:
+        out = fn(x, t)
+        bar.update(1)
+        return out
+    return counted
 
 
 # ---------------------------------------------------------------------------------------------- loading
