@@ -342,3 +342,30 @@ def test_real_stderr_has_no_raw_warnings(tmp_path):
     _no_raw_warnings(r.stderr)
     assert f"blindsr: warning: {d / 'exif.jpg'}: Corrupt EXIF data" in r.stderr, r.stderr
     assert "notes.txt" in r.stderr
+
+
+def test_nan_weights_are_refused_at_load(tmp_path, capsys):
+    """A checkpoint with NaN/inf is one line at load time, before any sampling (also with --lambda 0)."""
+    from blindsr.methods.blinddiff import BlindDiffConfig, BlindDiffPipeline, save_pipeline
+    from blindsr.models.mcformer import MCFormer, MCFormerConfig
+
+    model = MCFormer(MCFormerConfig.tiny())
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    ckpt = tmp_path / "nan.safetensors"
+    save_pipeline(BlindDiffPipeline(model, BlindDiffConfig(sample_steps=2)), ckpt)
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
+    rc = main(["sr", str(img), "-o", str(tmp_path / "out"), "--ckpt", str(ckpt), "--lambda", "0", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and "NaN/inf" in err and len(err.splitlines()) == 1
+
+
+def test_raw_pickle_is_one_line(tmp_path, capsys):
+    import pickle
+
+    path = tmp_path / "raw.pth"
+    path.write_bytes(pickle.dumps({"a": [1, 2]}, protocol=4))
+    rc = main(["weights", "inspect", str(path)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "warning" not in err

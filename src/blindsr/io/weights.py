@@ -53,6 +53,15 @@ def load_state_dict(path: str | Path, *, map_location: str | torch.device = "cpu
     return sd
 
 
+def check_finite(sd: Mapping[str, Tensor], path: str | Path) -> None:
+    """A one-line :class:`WeightsError` naming the first floating-point tensor with NaN or inf values (a broken
+    checkpoint would otherwise run a whole sampling and only then produce NaNs)."""
+    for name, t in sd.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise WeightsError(f"{path}: tensor {name!r} has {bad} NaN/inf value(s); the checkpoint is broken")
+
+
 def _kind(path: Path) -> str:
     """"safetensors" or "pickle", by suffix, else by the first bytes."""
     suffix = path.suffix.lower()
@@ -79,8 +88,12 @@ def _load_safetensors(path: Path, map_location: str | torch.device) -> dict[str,
 
 
 def _load_pickle(path: Path, map_location: str | torch.device) -> Any:
+    import warnings
+
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a raw (non-torch) pickle: torch warns about its protocol, then fails;
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # our error says it all
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights_only" in str(e).lower() or "weights only" in str(e).lower():
             raise WeightsError(

@@ -278,7 +278,7 @@ def load_pipeline(ckpt: str | Path | None = None, device: str | torch.device = "
 
     Without a config (metadata or sidecar) the MCFormer config is inferred from the weights (official
     checkpoints; scale 4)."""
-    from blindsr.io.weights import load_into, load_state_dict
+    from blindsr.io.weights import check_finite, load_into, load_state_dict
     from blindsr.models.mcformer import MCFormer, MCFormerConfig, load_official
 
     if ckpt is None:
@@ -292,6 +292,7 @@ def load_pipeline(ckpt: str | Path | None = None, device: str | torch.device = "
             raise WeightsError(f"checkpoint not found: {path}")
     cfg = read_config(path)
     sd = load_state_dict(path)
+    check_finite(sd, path)
     if cfg is None:
         model, bd = load_official(sd), BlindDiffConfig()
     else:

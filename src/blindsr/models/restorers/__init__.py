@@ -67,10 +67,11 @@ def load_restorer(kind: str, path: str | Path, device: str | torch.device = "cpu
     The model's sizes are read from the tensors; any missing or unexpected key is a one-line
     ``WeightsError``. The model is returned in eval mode with gradients off.
     """
-    from blindsr.io.weights import load_into, load_state_dict
+    from blindsr.io.weights import check_finite, load_into, load_state_dict
 
     spec = restorer_spec(kind)
     sd = spec.prepare(load_state_dict(path))
+    check_finite(sd, path)
     try:
         config = spec.config_from_state_dict(sd)
     except ValueError as e:
