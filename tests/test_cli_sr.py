@@ -124,3 +124,43 @@ def test_inputs_with_the_same_output_name_are_refused_before_work(ckpt, tmp_path
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "would both be written" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_processes_split_a_folder_each_image_once(ckpt, tmp_path):
+    """Two processes (WORLD_SIZE/RANK as accelerate launch sets them) share a folder: every image exactly once,
+    byte-identical to a single-process run."""
+    import os
+    import subprocess
+    import sys
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(src / f"{i}.png")
+    base = [sys.executable, "-m", "blindsr.cli.main", "sr", str(src), "--ckpt", str(ckpt), "--device", "cpu",
+            "--quiet", "--seed", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*base, "-o", str(tmp_path / "one")], check=True, env=env)
+    procs = [subprocess.Popen([*base, "-o", str(tmp_path / "two")], env={**env, "WORLD_SIZE": "2", "RANK": str(r),
+                                                                          "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    assert [p.wait() for p in procs] == [0, 0]
+    one = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert one == ["0.png", "1.png", "2.png"] == sorted(p.name for p in (tmp_path / "two").iterdir())
+    for name in one:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+def test_process_shard_reads_the_launcher_variables(monkeypatch):
+    from blindsr.cli.common import process_shard
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert process_shard() == (0, 1, 0)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "5")  # inconsistent: treated as a single process
+    assert process_shard() == (0, 1, 0)
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert process_shard() == (2, 4, 0)

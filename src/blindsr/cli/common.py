@@ -220,3 +220,21 @@ def write_like_input(target: Path, out: Any, like: Any, *, overwrite: bool, inpu
     if like.alpha is not None:
         alpha = imresize(like.alpha[None].float(), size=tuple(out.shape[-2:]))[0].clamp(0, 1)
     write_image(target, out, bit_depth=like.bit_depth, overwrite=overwrite, inputs=inputs, alpha=alpha)
+
+
+def process_shard() -> tuple[int, int, int]:
+    """(rank, world size, local rank) of this process under ``accelerate launch`` / ``torchrun`` (their
+    ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` variables), (0, 1, 0) otherwise. The image commands need no
+    communication between processes: each takes every ``world``-th input, starting at its ``rank``."""
+    import os
+
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        return 0, 1, 0
+    if world < 1 or not 0 <= rank < world:
+        return 0, 1, 0
+    return rank, world, local
+

@@ -6,12 +6,15 @@ Outputs are PNG files named after the inputs (sub-folders of a folder input are 
 never over an input and never over an existing file without ``--overwrite``. Each image gets its own
 generator seeded with ``--seed``, so its result does not depend on the other inputs or on ``--batch-size``.
 Alpha channels are upscaled separately (bicubic); grayscale inputs are written back as grayscale.
+Under ``accelerate launch`` (or ``torchrun``) every process takes every N-th input (one GPU each): each image
+is done exactly once and comes out as in a single-process run.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 DEFAULT_OUTPUT = "blindsr-output"
@@ -72,7 +75,7 @@ def register(subparsers, help_: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from blindsr.cli.common import check_unique_outputs, collect_inputs, run_grouped
+    from blindsr.cli.common import check_unique_outputs, collect_inputs, process_shard, run_grouped
     from blindsr.device import make_generator, memory_budget, resolve_device
     from blindsr.errors import BlindSRError
     from blindsr.io.images import check_output_path, output_path_for
@@ -86,10 +89,13 @@ def run(args: argparse.Namespace) -> int:
     if not items:
         raise BlindSRError("no images found in " + ", ".join(args.inputs))
     out_dir = Path(args.output)
+    rank, world, local_rank = process_shard()
     inputs = [f for f, _ in items]
     targets = {f: output_path_for(f, root, out_dir, ".png") for f, root in items}
     check_unique_outputs(targets)  # before any model is loaded
     device = resolve_device(args.device)
+    if world > 1 and device.type == "cuda" and device.index is None:  # one GPU per process
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
     budget = memory_budget(args.max_memory, device)
     pipe = resolve("sr", args.method)(args.ckpt, device=device)
     progress = not args.quiet and sys.stderr.isatty()
@@ -112,7 +118,16 @@ def run(args: argparse.Namespace) -> int:
     def write(f: Path, img, res, i: int, dt: float) -> str:
         return _write(f, img, res, i, targets[f], pipe.scale, dt, args, inputs, device)
 
-    return run_grouped(inputs, args.batch_size, prepare, infer, write, quiet=args.quiet)
+    mine = inputs[rank::world]  # the checks above saw every input: all processes refuse the same runs
+    t0 = time.perf_counter()
+    rc = run_grouped(mine, args.batch_size, prepare, infer, write, quiet=args.quiet)
+    if not args.quiet:
+        from blindsr.device import GIB, peak_memory
+
+        who = f" (process {rank + 1} of {world})" if world > 1 else ""
+        print(f"blindsr: {len(mine)} image(s) in {time.perf_counter() - t0:.1f}s, peak memory "
+              f"{peak_memory(device) / GIB:.2f} GiB{who}", file=sys.stderr)
+    return rc
 
 
 def _write(f: Path, img, res, i: int, target: Path, scale: int, dt: float, args, inputs, device) -> str:
