@@ -164,3 +164,13 @@ def test_process_shard_reads_the_launcher_variables(monkeypatch):
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert process_shard() == (2, 4, 0)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-1", "lots"])
+def test_max_memory_values_are_checked(ckpt, tmp_path, capsys, value):
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
+    rc = main(["sr", str(img), "-o", str(tmp_path / "out"), "--ckpt", str(ckpt), "--device", "cpu",
+               "--max-memory", value])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--max-memory" in err and len(err.splitlines()) == 1

@@ -66,7 +66,7 @@ DEFAULT_MAX_MEMORY = 3 * GIB  # the CLI's ceiling for --max-memory auto
 def available_memory(device: torch.device) -> int:
     """Bytes this process may still use: free VRAM on CUDA, MemAvailable (Linux) on the CPU; 0 if unknown."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
+        free, _ = torch.cuda.mem_get_info(device.index if device.index is not None else torch.cuda.current_device())
         return int(free)
     try:
         with open("/proc/meminfo") as f:
@@ -93,27 +93,32 @@ def peak_memory(device: torch.device) -> int:
     """Peak bytes so far: CUDA's allocator peak on CUDA, the process's peak RSS on the CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    import resource
     import sys
 
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def memory_budget(spec: str | float | None, device: torch.device) -> int | None:
     """``--max-memory``: ``auto`` (min(3 GiB, 75% of what is available); on CUDA 75% of free VRAM), a number
-    of GiB, or ``none``/None (no automatic tiling). Returns bytes or None."""
+    of GiB, or ``none``/None (no automatic tiling). Returns bytes or None (also when CUDA reports nothing free)."""
+    import math
+
     if spec is None or (isinstance(spec, str) and spec.lower() == "none"):
         return None
     if isinstance(spec, str) and spec.lower() == "auto":
         avail = available_memory(device)
         if device.type == "cuda":
-            return int(0.75 * avail)
+            return int(0.75 * avail) if avail else None
         return int(min(DEFAULT_MAX_MEMORY, 0.75 * avail)) if avail else DEFAULT_MAX_MEMORY
     try:
         gib = float(spec)
     except ValueError:
         raise BlindSRError(f"--max-memory {spec!r}: give a number of GiB, 'auto' or 'none'") from None
-    if gib <= 0:
-        raise BlindSRError(f"--max-memory {spec!r}: must be positive")
+    if not math.isfinite(gib) or gib < 1 / 64:
+        raise BlindSRError(f"--max-memory {spec!r}: give a finite number of GiB, at least 1/64")
     return int(gib * GIB)

@@ -57,8 +57,9 @@ def register(subparsers, help_: str) -> None:
     p.add_argument("--tile", type=int, metavar="T",
                    help="HR tile size of the denoiser (default: chosen from --max-memory; whole image if it fits)")
     p.add_argument("--max-memory", default="auto", metavar="GIB",
-                   help="memory budget that picks the tile size: GiB, 'auto' (default: min(3 GiB, 75%% of the free "
-                        "RAM); on CUDA 75%% of the free VRAM) or 'none' (never tile unless --tile)")
+                   help="memory budget (per image of a batch) that picks the tile size: GiB, 'auto' (default: "
+                        "min(3 GiB, 75%% of the free RAM); on CUDA 75%% of the free VRAM) or 'none' (never tile "
+                        "unless --tile); on the CPU it includes what the process holds after loading the model")
     p.add_argument("--tile-overlap", type=int, metavar="P", help="HR overlap between tiles (default 32)")
     p.add_argument("--batch-size", type=int, default=1, metavar="B", help="images per batch (same size only)")
     p.add_argument("--save-kernel", action="store_true", help="also write NAME_kernel.png and NAME_kernel.npy")
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from blindsr.cli.common import check_unique_outputs, collect_inputs, process_shard, run_grouped
-    from blindsr.device import make_generator, memory_budget, resolve_device
+    from blindsr.device import make_generator, memory_budget, resident_memory, resolve_device
     from blindsr.errors import BlindSRError
     from blindsr.io.images import check_output_path, output_path_for
     from blindsr.registry import resolve
@@ -96,13 +97,14 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if world > 1 and device.type == "cuda" and device.index is None:  # one GPU per process
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
-    budget = memory_budget(args.max_memory, device)
     pipe = resolve("sr", args.method)(args.ckpt, device=device)
+    budget = memory_budget(args.max_memory, device)  # measured once, after loading: the tile depends only on
+    if budget is not None and device.type == "cpu":  # the image size and the budget, never on earlier images
+        budget -= resident_memory()
     progress = not args.quiet and sys.stderr.isatty()
     opts = dict(steps=args.steps, lam=args.lam, norm=args.norm, down=args.down, x0_reg=args.x0_reg,
                 kernel_mode=args.kernel_mode, sampler=args.sampler, start=args.start, tile=args.tile,
-                tile_overlap=args.tile_overlap, return_trajectory=args.save_trajectory, progress=progress,
-                max_memory=budget)
+                tile_overlap=args.tile_overlap, return_trajectory=args.save_trajectory, progress=progress)
     # the config's own choices are validated by BlindDiffConfig (dataclasses.replace in the pipeline)
 
     def prepare(f: Path):
@@ -113,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
 
     def infer(imgs: list):
         lr = torch.stack([img.rgb for img in imgs]).to(device)
-        return pipe(lr, generator=[make_generator(args.seed, "cpu") for _ in imgs], **opts)
+        room = None if budget is None else max(budget, 0) * len(imgs)  # --max-memory is per image of a batch
+        return pipe(lr, generator=[make_generator(args.seed, "cpu") for _ in imgs], max_memory=room, **opts)
 
     def write(f: Path, img, res, i: int, dt: float) -> str:
         return _write(f, img, res, i, targets[f], pipe.scale, dt, args, inputs, device)
@@ -121,12 +124,16 @@ def run(args: argparse.Namespace) -> int:
     mine = inputs[rank::world]  # the checks above saw every input: all processes refuse the same runs
     t0 = time.perf_counter()
     rc = run_grouped(mine, args.batch_size, prepare, infer, write, quiet=args.quiet)
+    who = f" (process {rank + 1} of {world})" if world > 1 else ""
     if not args.quiet:
         from blindsr.device import GIB, peak_memory
 
-        who = f" (process {rank + 1} of {world})" if world > 1 else ""
-        print(f"blindsr: {len(mine)} image(s) in {time.perf_counter() - t0:.1f}s, peak memory "
+        print(f"blindsr: {len(mine)} input(s) in {time.perf_counter() - t0:.1f}s, peak memory "
               f"{peak_memory(device) / GIB:.2f} GiB{who}", file=sys.stderr)
+    if world > 1 and rc:  # a non-zero exit would make the launcher stop the other processes mid-run
+        print(f"blindsr: some inputs failed{who} (listed above); exiting 0 so that the other processes finish",
+              file=sys.stderr)
+        return 0
     return rc
 
 

@@ -169,6 +169,7 @@ def choose_tile(height: int, width: int, budget: int, per_tile_pixel: float, per
     side = int((max(room, 0) / per_tile_pixel) ** 0.5) // align * align
     if side < smallest:
         need = (pixels * per_image_pixel + smallest**2 * per_tile_pixel) / 1024**3
-        raise BlindSRError(f"a {width}x{height} output needs about {need:.1f} GiB even with {smallest}-pixel tiles; "
+        raise BlindSRError(f"a {width}x{height} output needs about {need:.1f} GiB for sampling even with "
+                           f"{smallest}-pixel tiles, {budget / 1024**3:.1f} GiB are left of the budget; "
                            "raise --max-memory")
     return side

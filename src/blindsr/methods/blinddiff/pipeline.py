@@ -122,8 +122,9 @@ class BlindDiffPipeline:
         ``steps``: sampling steps (default ``config.sample_steps``); ``overrides``: any other
         ``BlindDiffConfig`` field for this call (``lam``, ``norm``, ``tile``, ``sampler``, ...; None = the
         config's). ``generator``: one generator, or a list with one per image (then each image's result does
-        not depend on the batch it is in). ``max_memory``: a budget in bytes; when no ``tile`` is set, the
-        denoiser is tiled just enough to fit it (:meth:`auto_tile`). ``progress``: one bar over steps x tiles."""
+        not depend on the batch it is in). ``max_memory``: bytes the sampling of this call may use; when no
+        ``tile`` is set, the denoiser is tiled just enough to fit it (:meth:`auto_tile`).
+        ``progress``: one bar over steps x tiles."""
         changes = {k: v for k, v in overrides.items() if v is not None}
         if steps is not None:
             changes["sample_steps"] = steps
@@ -193,20 +194,19 @@ class BlindDiffPipeline:
 
     def auto_tile(self, batch: int, height: int, width: int, budget: int, *, guided: bool = True,
                   overlap: int = 32) -> int | None:
-        """The HR tile that keeps one sampling step within ``budget`` bytes (None: no tiling needed).
+        """The HR tile that keeps one sampling step of ``batch`` images within ``budget`` bytes (None: no tiling
+        needed). ``budget`` is what the step may use on top of what is already held (the CLI measures the
+        process once, after loading the model, so the tile depends only on the image size and the budget).
 
         Per tile pixel: the model's activations (``MCFormerConfig.activation_bytes_per_pixel``; with the
         guidance, one tile's forward + backward: tiles are checkpointed). Per image pixel: 512 bytes for the
-        full-size sample, the blended outputs, the posterior and the gradient (measured about 400 on CPU).
-        On the CPU the memory this process already holds is taken off the budget."""
-        from blindsr.device import resident_memory
+        full-size sample, the blended outputs, the posterior and the gradient (measured about 400 on CPU) —
+        the part that is never tiled, so it bounds the largest output (about 2200² within 3 GiB)."""
         from blindsr.ops.tiling import choose_tile
 
         mcfg = unwrap_model(self.model).config
-        per_tile = batch * mcfg.activation_bytes_per_pixel(grad=guided)
-        used = resident_memory() if self.device.type == "cpu" else 0
-        return choose_tile(height, width, budget - used, per_tile, batch * 512.0, align=math.lcm(8, self.scale),
-                           overlap=overlap)
+        return choose_tile(height, width, budget, batch * mcfg.activation_bytes_per_pixel(grad=guided),
+                           batch * 512.0, align=math.lcm(8, self.scale), overlap=overlap)
 
 
 def _progress_bar(total: int, enabled: bool):
