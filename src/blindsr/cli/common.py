@@ -24,12 +24,9 @@ def add_common(parser: argparse.ArgumentParser, device: bool = True, seed: bool 
 
 
 # Files skipped while listing the inputs (non-images, broken links), as "path (reason)": printed when they are
-# found and again in the end-of-run report of ``run_batch``. ``blindsr.cli.main`` clears it for each command.
+# found and again in the end-of-run report of ``run_batch``. ``collect_inputs`` clears it when it starts and
+# ``run_batch`` after its report.
 _skipped: list[str] = []
-
-
-def clear_skipped() -> None:
-    _skipped.clear()
 
 
 def with_name(name: str, message: str) -> str:
@@ -120,7 +117,7 @@ def collect_inputs(inputs: list[str], recursive: bool) -> list[tuple[Path, Path 
     """
     from blindsr.errors import BlindSRError
 
-    clear_skipped()
+    _skipped.clear()
     out, seen, refused = [], set(), []
     for arg in inputs:
         try:
@@ -226,8 +223,6 @@ def process_shard() -> tuple[int, int, int]:
     """(rank, world size, local rank) of this process under ``accelerate launch`` / ``torchrun`` (their
     ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` variables), (0, 1, 0) otherwise. The image commands need no
     communication between processes: each takes every ``world``-th input, starting at its ``rank``."""
-    import os
-
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))

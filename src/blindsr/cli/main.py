@@ -57,9 +57,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = bool(getattr(args, "debug", False))
-    from blindsr.cli.common import clear_skipped
-
-    clear_skipped()
     try:
         with warnings.catch_warnings():
             if not debug:  # a warning that reaches the user is one line, without Python's source line
