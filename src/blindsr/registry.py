@@ -26,6 +26,7 @@ REGISTRY: dict[str, dict[str, Any]] = {
         "classic": "blindsr.degradations.pipelines:CLASSIC",
         "blinddiff-setting1": "blindsr.degradations.pipelines:BLINDDIFF_SETTING1",
         "blinddiff-setting2": "blindsr.degradations.pipelines:BLINDDIFF_SETTING2",
+        "blinddiff-real": "blindsr.degradations.pipelines:BLINDDIFF_REAL",
         "gaussian8": "blindsr.degradations.pipelines:GAUSSIAN8",
         "diffbir-stage1": "blindsr.degradations.pipelines:DIFFBIR_STAGE1",
         "realesrgan": "blindsr.degradations.pipelines:REALESRGAN",

@@ -5,6 +5,7 @@
 | classic              | y = (k * x)↓s + n (BlindDiff Eq. 1); defaults = setting 1, noise off    | DAN/IKC SRMDPreprocessing |
 | blinddiff-setting1   | iso Gaussian sigma~U[0.2, 4], 21x21, MATLAB bicubic ↓4, 8-bit           | BlindDiff yml, DANv1      |
 | blinddiff-setting2   | aniso sigma~U[0.6, 5], theta~U[-pi, pi], multiplicative disturbance     | BlindDiff yml, DANv1      |
+| blinddiff-real       | setting 2 kernels + noise sigma~U[0, 15] + JPEG q~U[40, 95] (p = 0.75)  | blindsr (real-photo model)|
 | gaussian8            | fixed iso sigma = 1.8..3.2 (8 kernels), modcrop, bicubic ↓4 (test sets) | DAN test-set script       |
 | diffbir-stage1       | blur(41, sigma [0.1, 12]) → ↓r∈[1, 12] → noise [0, 15] → JPEG [30, 100] → ↑ | DiffBIR Eq. 9 / codeformer.py |
 | realesrgan           | second-order Real-ESRGAN (USM'd GT, all official ranges/probabilities)   | Real-ESRGAN x4plus yml    |
@@ -93,6 +94,9 @@ class ClassicConfig:
     noise_min: float = 0.0  # additive Gaussian noise sigma ~ U[noise_min, noise_max], 0..255 units (off)
     noise_max: float = 0.0
     quantize: bool = True  # round the LR to 8 bits (BlindDiff/DAN)
+    jpeg_prob: float = 0.0  # probability of a JPEG round trip of the 8-bit LR, per sample (off: Eq. 1)
+    jpeg_range: tuple[float, float] = (40.0, 95.0)  # quality = int(U[lo, hi])
+    jpeg_backend: str = "pil"  # "pil" = a real encoder (libjpeg) | "torch"
 
 
 class Classic(Degradation):
@@ -102,6 +106,10 @@ class Classic(Degradation):
         super().validate()
         if self.config.downsampler not in ("bicubic", "stride"):
             raise BlindSRError(f"preset {self.name}: downsampler must be bicubic or stride")
+        lo, hi = self.config.jpeg_range
+        if not 0 <= self.config.jpeg_prob <= 1 or not 1 <= lo <= hi <= 100:
+            raise BlindSRError(f"preset {self.name}: need 0 <= jpeg_prob <= 1 and 1 <= jpeg_range[0] <= "
+                               f"jpeg_range[1] <= 100")
 
     def __call__(self, hr, generator=None):
         c = self.config
@@ -118,6 +126,13 @@ class Classic(Degradation):
         x = O.quantize(x) if c.quantize else x
         for p, s in zip(params, sigma.tolist(), strict=True):
             p.update(scale=c.scale, noise_sigma=s if c.noise_max > 0 else 0.0)
+        if c.jpeg_prob > 0:  # after the 8-bit rounding, as a camera would; the blur kernel stays the ground truth
+            hit = K.uniform(b, 0.0, 1.0, generator) < c.jpeg_prob
+            q = K.uniform(b, *c.jpeg_range, generator).long()
+            x = torch.cat([J.jpeg(xi, int(qi), c.jpeg_backend) if h else xi
+                           for xi, qi, h in zip(x.split(1), q.tolist(), hit.tolist(), strict=True)])
+            for p, qi, h in zip(params, q.tolist(), hit.tolist(), strict=True):
+                p.update(jpeg_quality=int(qi) if h else None)
         return DegradeResult(x, hr, k.to(hr), params)
 
 
@@ -417,6 +432,9 @@ BLINDDIFF_SETTING1 = PresetSpec(Classic, ClassicConfig, "iso Gaussian sigma in [
 BLINDDIFF_SETTING2 = PresetSpec(Classic, lambda: ClassicConfig(sig_min=0.6, sig_max=5.0, rate_iso=0.0,
                                                                random_disturb=True),
                                 "aniso Gaussian sigma in [0.6, 5] with disturbance, 21x21, bicubic x4")
+BLINDDIFF_REAL = PresetSpec(Classic, lambda: ClassicConfig(sig_min=0.6, sig_max=5.0, rate_iso=0.0,
+                                                           random_disturb=True, noise_max=15.0, jpeg_prob=0.75),
+                            "setting 2 kernels + Gaussian noise sigma in [0, 15] + JPEG q in [40, 95] (p 0.75), x4")
 GAUSSIAN8 = PresetSpec(Gaussian8, Gaussian8Config, "fixed iso kernels sigma 1.8..3.2, bicubic x4 (test sets)")
 DIFFBIR_STAGE1 = PresetSpec(DiffBIRStage1, DiffBIRStage1Config, "blur/down/noise/JPEG/up first order (DiffBIR Eq. 9)")
 REALESRGAN = PresetSpec(RealESRGAN, RealESRGANConfig, "Real-ESRGAN second-order degradation, x4")

@@ -282,7 +282,8 @@ class MCFormer(nn.Module):
         up_dtype = torch.promote_types(cond.dtype, torch.float32)  # bicubic a=-0.75, no antialias, no clamp
         cond_up = F.interpolate(cond.to(up_dtype), scale_factor=self.config.scale, mode="bicubic",
                                 align_corners=False).to(x_t.dtype)
-        a = torch.cat([x_t, cond_up], dim=1)
+        # channels-last from here on: the blocks work on (B, H, W, C) views (restormer_blocks), convs keep it
+        a = torch.cat([x_t, cond_up], dim=1).contiguous(memory_format=torch.channels_last)
         kernel = self.predict_kernel(a)
         emb = None  # modulation=False: plain Restormer blocks, t and k do not reach them
         if self.config.modulation:  # t_emb + k_emb drives every block's modulation (Fig. 3)
@@ -299,7 +300,7 @@ class MCFormer(nn.Module):
         dec1 = run_blocks(self.decoder_level1, torch.cat([self.up2_1(dec2), enc1], dim=1), emb, ckpt)
         dec1 = run_blocks(self.refinement, dec1, emb, ckpt)
         residual = torch.cat([x_t, x_t], dim=1) if self.config.learn_sigma else x_t  # added to BOTH halves
-        return self.output(dec1) + residual, kernel
+        return (self.output(dec1) + residual).contiguous(), kernel
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
