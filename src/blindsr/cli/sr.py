@@ -37,8 +37,13 @@ def register(subparsers, help_: str) -> None:
                    help=f"output folder (default: ./{DEFAULT_OUTPUT})")
     p.add_argument("--method", default=names("sr")[0], choices=names("sr"),
                    help=f"SR method (default: {names('sr')[0]})")
+    from blindsr.weights import DEFAULT_MODEL, EMBEDDED
+
+    p.add_argument("--model", action=_ModelAction, metavar="NAME",
+                   help="embedded model: " + "; ".join(f"{k}: {v[1]}" for k, v in EMBEDDED.items())
+                   + f" (default {DEFAULT_MODEL}); 'list' prints them")
     p.add_argument("--ckpt", metavar="FILE", help="checkpoint (.safetensors/.pth) with its config in the metadata "
-                   "or a sidecar .json; default: the embedded BlindDiff-S model")
+                   "or a sidecar .json, instead of an embedded model")
     p.add_argument("--steps", type=int, help="sampling steps (respaced; default: the model's: 3 for the embedded "
                    "BlindDiff-S, 500 for official BlindDiff checkpoints)")
     p.add_argument("--lambda", dest="lam", type=float,
@@ -73,6 +78,23 @@ def register(subparsers, help_: str) -> None:
 
 
 
+class _ModelAction(argparse.Action):
+    """``--model NAME`` (checked against the embedded models); ``--model list`` prints them and exits 0."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        from blindsr.weights import DEFAULT_MODEL, EMBEDDED, embedded_path
+
+        if value == "list":
+            for name, (_file, what) in EMBEDDED.items():
+                mark = " (default)" if name == DEFAULT_MODEL else ""
+                state = "" if embedded_path(name).is_file() else " [not installed]"
+                print(f"{name}{mark}: {what}{state}")
+            parser.exit(0)
+        if value not in EMBEDDED:
+            parser.error(f"--model: unknown model {value!r}; choose one of: {', '.join(EMBEDDED)} (or 'list')")
+        setattr(namespace, self.dest, value)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -97,7 +119,16 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if world > 1 and device.type == "cuda" and device.index is None:  # one GPU per process
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
-    pipe = resolve("sr", args.method)(args.ckpt, device=device)
+    ckpt = args.ckpt
+    if args.model:
+        from blindsr.weights import embedded_path
+
+        if args.ckpt:
+            raise BlindSRError("give --model or --ckpt, not both")
+        ckpt = embedded_path(args.model)
+        if not ckpt.is_file():
+            raise BlindSRError(f"the embedded model {args.model} is not installed ({ckpt} is missing)")
+    pipe = resolve("sr", args.method)(ckpt, device=device)
     budget = memory_budget(args.max_memory, device)  # measured once, after loading: the tile depends only on
     if budget is not None and device.type == "cpu":  # the image size and the budget, never on earlier images
         budget -= resident_memory()

@@ -321,12 +321,17 @@ def sample(model_fn: ModelFn, x_T: Tensor, stepper, generator: Generators = None
                 state.x0 = res.x0
             if state.x0 is not x0 or clip_x0 is not None:  # keep eps consistent with a changed x0 (DDIM)
                 state.eps = eps_from_x0(x_in, state.x0, abar)
-            x_prev = stepper.step(i, state, generator)
+            grad = None
             if res is not None and res.loss is not None:  # DPS: the gradient flows through the network
-                (grad,) = torch.autograd.grad(res.loss.sum(), x_in)
-                x_prev = x_prev - _bcast(res.scale, x_prev) * grad
+                (grad,) = torch.autograd.grad(res.loss.sum(), x_in)  # first: frees the loss graph before the step
+            with torch.no_grad():  # the step itself needs no graph
+                x_prev = stepper.step(i, state, generator)
+                if grad is not None:
+                    x_prev = x_prev - _bcast(res.scale, x_prev) * grad
         x = x_prev.detach()  # ends the step's graph
         if callback is not None:
             state.x_prev = x
             callback(state)
+        # free this step's image-sized tensors now, not when the next step overwrites the names
+        del state, out, res, eps, x0, x_in, x_prev, grad
     return x

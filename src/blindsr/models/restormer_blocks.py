@@ -129,8 +129,7 @@ class MDTA(nn.Module):
 
     q, k, v = split(DWConv3x3(Conv1x1(x))); per head (contiguous channel groups) q and k are L2-normalised
     along the spatial axis; A = softmax(q kᵀ * temperature) is (C/heads x C/heads); out = Conv1x1(A v).
-    Computed on (B, H, W, C) as A = softmax(q kᵀ / (|q| |k|ᵀ) * temperature): the same normalisation
-    (``F.normalize``'s max(|.|, 1e-12)) applied to the small C x C product instead of to q and k.
+    Computed on (B, H, W, C) views: q, k and v stay in the layout the depthwise conv wrote them.
     """
 
     def __init__(self, channels: int, num_heads: int, bias: bool):
@@ -147,11 +146,9 @@ class MDTA(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, heads, HW, C/heads) views
         with torch.autocast(x.device.type, enabled=False):  # norms, q kᵀ and softmax in fp32
             dt = _fp32_or_wider(q.dtype)
-            q, k = q.to(dt), k.to(dt)
-            qn = torch.linalg.vector_norm(q, dim=2).clamp_min(1e-12)  # (B, heads, C/heads)
-            kn = torch.linalg.vector_norm(k, dim=2).clamp_min(1e-12)
-            attn = (q.transpose(-2, -1) @ k / (qn[..., :, None] * kn[..., None, :]) * self.temperature.to(dt))
-            attn = attn.softmax(dim=-1)
+            q = F.normalize(q.to(dt), dim=2)  # along the pixels
+            k = F.normalize(k.to(dt), dim=2)
+            attn = (q.transpose(-2, -1) @ k * self.temperature.to(dt)).softmax(dim=-1)
         out = v @ attn.to(v.dtype).transpose(-2, -1)  # (B, heads, HW, C/heads) = (A v)ᵀ
         return _pointwise(out.transpose(1, 2).reshape(b, h, w, c), self.project_out)
 

@@ -199,14 +199,16 @@ class BlindDiffPipeline:
         process once, after loading the model, so the tile depends only on the image size and the budget).
 
         Per tile pixel: the model's activations (``MCFormerConfig.activation_bytes_per_pixel``; with the
-        guidance, one tile's forward + backward: tiles are checkpointed). Per image pixel: 512 bytes for the
-        full-size sample, the blended outputs, the posterior and the gradient (measured about 400 on CPU) —
-        the part that is never tiled, so it bounds the largest output (about 2200² within 3 GiB)."""
+        guidance, one tile's forward + backward: the backward revisits the tiles one at a time,
+        ``diffusion.tiling``). Per image pixel: 160 bytes for the full-size sample, the blended outputs, x0, the
+        guidance loss and its gradient, the next sample (measured about 115 on CPU: LR 160² and 240² with
+        96-pixel tiles) -- the part that is never tiled, so it bounds the largest output (about 4000² within
+        3 GiB)."""
         from blindsr.ops.tiling import choose_tile
 
         mcfg = unwrap_model(self.model).config
         return choose_tile(height, width, budget, batch * mcfg.activation_bytes_per_pixel(grad=guided),
-                           batch * 512.0, align=math.lcm(8, self.scale), overlap=overlap)
+                           batch * 160.0, align=math.lcm(8, self.scale), overlap=overlap)
 
 
 def _progress_bar(total: int, enabled: bool):
