@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs = []
         for i, (name, hr) in enumerate(crops):
             r = deg(hr[None], torch.Generator().manual_seed(1000 + i))
-            pairs.append((name, r.lr, r.hr))
+            pairs.append((name, r.lr, hr[None]))  # the photo itself (realesrgan degrades a USM-sharpened copy)
         for method, fn in methods.items():
             t0, ps, ss = time.perf_counter(), [], []
             for _name, lr, hr in pairs:

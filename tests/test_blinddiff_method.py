@@ -372,7 +372,7 @@ def test_max_memory_tiles_the_denoiser_automatically(tiny):
     try:
         p = BlindDiffPipeline(tiny, BlindDiffConfig(sample_steps=2, tile_overlap=8))
         lr = torch.rand(1, 3, 32, 32, generator=gen(0))  # 128 x 128 output
-        need = 128 * 128 * (tiny.config.activation_bytes_per_pixel(False) + 512)
+        need = 128 * 128 * (tiny.config.activation_bytes_per_pixel(False) + 160)
         whole = p(lr, generator=gen(1), lam=0, max_memory=int(2 * need))
         assert len(calls) == 2
         tile = p.auto_tile(1, 128, 128, int(need / 3), guided=False, overlap=8)

@@ -177,3 +177,19 @@ def test_max_memory_values_are_checked(ckpt, tmp_path, capsys, value):
                "--max-memory", value])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "--max-memory" in err and len(err.splitlines()) == 1
+
+
+def test_sr_model_list_and_choice_errors(ckpt, tmp_path, capsys):
+    from blindsr.weights import DEFAULT_MODEL, EMBEDDED
+
+    with pytest.raises(SystemExit) as e:
+        main(["sr", "--model", "list"])
+    listed = capsys.readouterr().out
+    assert e.value.code == 0 and f"{DEFAULT_MODEL} (default)" in listed
+    assert all(name in listed for name in EMBEDDED)
+    with pytest.raises(SystemExit) as e:
+        main(["sr", "x.png", "--model", "nope"])
+    assert e.value.code == 2 and "unknown model 'nope'" in capsys.readouterr().err
+    img = _img(tmp_path / "x.png", (8, 8, 3))
+    assert main(["sr", str(img), "--model", "blinddiff-s", "--ckpt", str(ckpt), "-o", str(tmp_path / "o")]) == 2
+    assert "not both" in capsys.readouterr().err

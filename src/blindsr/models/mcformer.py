@@ -97,12 +97,12 @@ class MCFormerConfig:
     def activation_bytes_per_pixel(self, grad: bool) -> float:
         """Rough peak activation memory of one forward pass per output pixel (fp32), for choosing tile sizes:
         ``dim`` times the blocks weighted by their width x resolution (level l: 2^(l-1) dim at 1/4^(l-1) of
-        the pixels; decoder level 1 and the refinement run at 2 dim), times bytes per unit measured on CPU with
-        the small / full / tiny configs at 192x192 (with grad, i.e. a guided step: 163-220 B, taken as 220; a
-        no-grad forward: about a tenth)."""
+        the pixels; decoder level 1 and the refinement run at 2 dim), times bytes per unit measured on CPU
+        (with grad, i.e. a guided step: the small config 147-164 B at 256²-512² outputs since the blocks work on
+        channels-last views, taken as 170; a no-grad forward: about a fifth)."""
         b = self.num_blocks
         units = b[0] + b[1] / 2 + b[2] / 4 + b[3] / 8 + b[2] / 4 + b[1] / 2 + 2 * b[0] + 2 * self.num_refinement_blocks
-        return self.dim * units * (220.0 if grad else 40.0)
+        return self.dim * units * (170.0 if grad else 40.0)
 
     @property
     def learn_sigma(self) -> bool:

@@ -18,7 +18,7 @@ EMBEDDED: dict[str, tuple[str, str]] = {
     "blinddiff-s": ("blinddiff_s.safetensors",
                     "Gaussian blur only, no noise: the paper's benchmark setting (Set5/Set14-Gaussian8)"),
 }
-DEFAULT_MODEL = "blinddiff-s"
+DEFAULT_MODEL = "blinddiff-s-real"
 
 
 def embedded_path(name: str) -> Path:
