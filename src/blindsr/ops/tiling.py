@@ -156,13 +156,15 @@ def tiled_map(fn: Callable[[Tensor], Tensor], x: Tensor, *, tile: int, overlap: 
 
 
 def choose_tile(height: int, width: int, budget: int, per_tile_pixel: float, per_image_pixel: float, *,
-                align: int = 8, overlap: int = 0) -> int | None:
-    """The largest tile (a multiple of ``align``) whose work fits ``budget`` bytes, or None when the whole
-    image fits untiled. Memory model: ``per_tile_pixel`` bytes for every pixel of the window being processed
+                align: int = 8, overlap: int = 0, whole_per_pixel: float | None = None) -> int | None:
+    """The tile (a multiple of ``align``) whose work fits ``budget`` bytes, or None when the whole image fits
+    untiled. Memory model: ``per_tile_pixel`` bytes for every pixel of the window being processed
     (activations) plus ``per_image_pixel`` bytes for every pixel of the whole image (the sample, its blended
-    outputs, the gradient canvas). A budget too small for the smallest useful tile is a one-line error."""
+    outputs, the gradient canvas); ``whole_per_pixel`` (default: their sum) when the image is one window.
+    Of the tiles that fit, the smallest one with as few windows as the largest is returned (less overlap to
+    compute twice). A budget too small for the smallest useful tile is a one-line error."""
     pixels = height * width
-    if pixels * (per_tile_pixel + per_image_pixel) <= budget:
+    if pixels * (whole_per_pixel or per_tile_pixel + per_image_pixel) <= budget:
         return None
     room = budget - pixels * per_image_pixel
     smallest = (overlap // align + 1) * align * 2  # at least twice the overlap, so tiles make progress
@@ -172,4 +174,7 @@ def choose_tile(height: int, width: int, budget: int, per_tile_pixel: float, per
         raise BlindSRError(f"a {width}x{height} output needs about {need:.1f} GiB for sampling even with "
                            f"{smallest}-pixel tiles, {budget / 1024**3:.1f} GiB are left of the budget; "
                            "raise --max-memory")
+    n = len(tile_boxes(height, width, side, overlap, align))
+    while side - align >= smallest and len(tile_boxes(height, width, side - align, overlap, align)) <= n:
+        side -= align
     return side
