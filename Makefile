@@ -7,7 +7,8 @@ STAMP  := $(VENV)/.blindsr-installed
 .PHONY: install demo test test-slow lint clean
 
 $(STAMP): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# (re)create the venv when it is missing or half-made (no pip, e.g. after an interrupted creation)
+	@$(PY) -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
 	@# Prefer a torch already on this machine's disk (CPU wheel); any torch>=2.1 works.
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0" || $(PY) -m pip install -q "torch>=2.1"
