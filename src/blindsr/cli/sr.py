@@ -45,7 +45,7 @@ def register(subparsers, help_: str) -> None:
     p.add_argument("--ckpt", metavar="FILE", help="checkpoint (.safetensors/.pth) with its config in the metadata "
                    "or a sidecar .json, instead of an embedded model")
     p.add_argument("--steps", type=int, help="sampling steps (respaced; default: the model's: 3 for the embedded "
-                   "BlindDiff-S, 500 for official BlindDiff checkpoints)")
+                   "models, 500 for official BlindDiff checkpoints)")
     p.add_argument("--lambda", dest="lam", type=float,
                    help="kernel-aware gradient step (default: the model's, 1; 0 = off, faster); a model with "
                         "lam_ref_steps N applies LAMBDA*N/steps per step")

@@ -14,7 +14,7 @@ HERE = Path(__file__).resolve().parent
 # name -> (file, what it is for)
 EMBEDDED: dict[str, tuple[str, str]] = {
     "blinddiff-s-real": ("blinddiff_s_real.safetensors",
-                         "real photos: BlindDiff-S fine-tuned on anisotropic blur + noise + JPEG (default)"),
+                         "real photos: BlindDiff-S fine-tuned on anisotropic blur + noise + JPEG"),
     "blinddiff-s": ("blinddiff_s.safetensors",
                     "Gaussian blur only, no noise: the paper's benchmark setting (Set5/Set14-Gaussian8)"),
 }
