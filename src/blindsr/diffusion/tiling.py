@@ -68,9 +68,10 @@ def _blend(run: Callable[[Tensor, Box], ModelOutput], x: Tensor, lay: _Layout,
         keys, vals = _flatten(out)
         if sums is None:
             sums = [v.new_zeros(*v.shape[:-2], H, W) if lay.spatial(v, box) else torch.zeros_like(v) for v in vals]
+        weight = lay.weight(box)
         for acc, v in zip(sums, vals, strict=True):
             if lay.spatial(v, box):
-                acc[..., box.slices[0], box.slices[1]] += v * lay.weight(box).to(v.dtype)
+                acc[..., box.slices[0], box.slices[1]] += v * weight.to(v.dtype)
             else:
                 acc += share * v
     return kind, keys, sums
@@ -97,12 +98,12 @@ class _TiledVJP(torch.autograd.Function):
             xi = x[..., box.slices[0], box.slices[1]].detach().requires_grad_(True)
             with torch.enable_grad():
                 _, vals = _flatten(ctx.run(xi, box))
-            outs, gs = [], []
+            outs, gs, weight = [], [], lay.weight(box)
             for v, g in zip(vals, grads, strict=True):
                 if g is None or not v.requires_grad:
                     continue
                 outs.append(v)
-                gs.append(g[..., box.slices[0], box.slices[1]] * lay.weight(box).to(g.dtype) if lay.spatial(v, box)
+                gs.append(g[..., box.slices[0], box.slices[1]] * weight.to(g.dtype) if lay.spatial(v, box)
                           else share * g)
             if outs:
                 (gi,) = torch.autograd.grad(outs, xi, gs, allow_unused=True)

@@ -85,7 +85,7 @@ class _LayerNormBody(nn.Module):
 
     ``WithBias``: (x - mu) / sqrt(var + eps) * w + b.  ``BiasFree``: x / sqrt(var + eps) * w (no centring,
     as in Restormer). :meth:`nhwc` works on (B, H, W, C) (one fused ``F.layer_norm`` for WithBias) and can
-    fold a per-sample modulation into the affine part: LN(x)(1 + scale) + shift.
+    apply a per-sample modulation after it, LN(x)(1 + scale) + shift, as one fused multiply-add.
     """
 
     def __init__(self, channels: int, with_bias: bool):
@@ -98,13 +98,11 @@ class _LayerNormBody(nn.Module):
         w = self.weight.to(x32.dtype)
         if self.bias is None:
             y = x32 * torch.rsqrt(torch.var(x32, dim=-1, keepdim=True, correction=0) + 1e-5) * w
-        elif shift is None:
-            return F.layer_norm(x32, (x32.shape[-1],), w, self.bias.to(x32.dtype), 1e-5).to(x.dtype)
         else:
             y = F.layer_norm(x32, (x32.shape[-1],), w, self.bias.to(x32.dtype), 1e-5)
-        if shift is None:
-            return y.to(x.dtype)
-        return torch.addcmul(shift[:, None, None].to(y.dtype), y, 1 + scale[:, None, None].to(y.dtype)).to(x.dtype)
+        if shift is not None:  # the per-sample modulation, one fused multiply-add
+            y = torch.addcmul(shift[:, None, None].to(y.dtype), y, 1 + scale[:, None, None].to(y.dtype))
+        return y.to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return _nchw(self.nhwc(_nhwc(x)))
@@ -186,8 +184,8 @@ class ModulatedBlock(nn.Module):
 
     Input and output are (B, C, H, W); the block works on the (B, H, W, C) view, so a channels-last input
     (what :class:`~blindsr.models.mcformer.MCFormer` passes) costs no copies: 1x1 convs are matrix products,
-    LayerNorm is one fused kernel, depthwise convs use the channels-last kernel. About 2x faster forward +
-    backward at full resolution on CPU than the NCHW form, equal to it within float rounding.
+    LayerNorm is one fused kernel, depthwise convs use the channels-last kernel. Faster forward + backward on
+    CPU than the NCHW form (1.2-2x, depending on the load; docs/results.md), equal to it within float rounding.
     """
 
     def __init__(self, channels: int, num_heads: int, expansion: float, bias: bool, layernorm_type: str,

@@ -200,10 +200,10 @@ class BlindDiffPipeline:
 
         Per tile pixel: the model's activations (``MCFormerConfig.activation_bytes_per_pixel``; with the
         guidance, one tile's forward + backward: the backward revisits the tiles one at a time,
-        ``diffusion.tiling``), times 1.25 for a tile (measured: 1.12 on a 272² tile of Lincoln). Per image pixel: 160 bytes for the full-size sample, the blended outputs, x0, the
-        guidance loss and its gradient, the next sample (measured about 115 on CPU: LR 160² and 240² with
-        96-pixel tiles) -- the part that is never tiled, so it bounds the largest output (about 4000² within
-        3 GiB)."""
+        ``diffusion.tiling``), times 1.25 for a tile (measured: 1.12 on a 272² tile of Lincoln). Per image
+        pixel: 160 bytes for the full-size sample, the blended outputs, x0, the guidance loss and its gradient,
+        the next sample (measured about 115 on CPU: LR 160² and 240² with 96-pixel tiles) -- the part that is
+        never tiled, so it bounds the largest output (about 4000² within 3 GiB)."""
         from blindsr.ops.tiling import choose_tile
 
         act = batch * unwrap_model(self.model).config.activation_bytes_per_pixel(grad=guided)
