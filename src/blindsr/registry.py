@@ -20,6 +20,7 @@ REGISTRY: dict[str, dict[str, Any]] = {
         "regression": "blindsr.methods.blinddiff.recipe:regression_recipe",
         "diffbir-stage1": "blindsr.methods.diffbir.recipe:diffbir_stage1_recipe",
         "diffbir-stage2": "blindsr.methods.diffbir.recipe:diffbir_stage2_recipe",
+        "prior": "blindsr.methods.prior.recipe:prior_recipe",
     },
     # `--preset NAME`, `data.degradation`: NAME -> a degradations.pipelines.PresetSpec
     "preset": {

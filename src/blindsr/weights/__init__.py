@@ -1,4 +1,5 @@
-"""Weights shipped inside the package: the embedded BlindDiff models. Nothing is ever downloaded.
+"""Weights shipped inside the package: the embedded BlindDiff models and the pixel-space diffusion prior
+(:data:`PRIORS`, kept apart from the SR models of :data:`EMBEDDED`). Nothing is ever downloaded.
 
 Each ``<name>.safetensors`` holds EMA weights with the JSON config in its metadata; ``<name>.json`` beside it
 holds the same config plus how it was trained (command, commit, steps, hardware). ``blindsr sr --model NAME``
@@ -20,14 +21,28 @@ EMBEDDED: dict[str, tuple[str, str]] = {
 }
 DEFAULT_MODEL = "blinddiff-s-real"
 
+# Embedded weights that are not SR models (not offered by `blindsr sr --model`): name -> (file, what it is for)
+PRIORS: dict[str, tuple[str, str]] = {
+    "prior-s": ("prior_s.safetensors", "unconditional pixel-space diffusion prior (DM-SR / DiffBIR pixel backends)"),
+}
+
+
+def _path(table: dict[str, tuple[str, str]], name: str, what: str) -> Path:
+    from blindsr.errors import BlindSRError
+
+    if name not in table:
+        raise BlindSRError(f"unknown embedded {what} {name!r}; choose one of: {', '.join(table)}")
+    return HERE / table[name][0]
+
 
 def embedded_path(name: str) -> Path:
     """Path of the embedded model ``name`` (one of :data:`EMBEDDED`)."""
-    from blindsr.errors import BlindSRError
+    return _path(EMBEDDED, name, "model")
 
-    if name not in EMBEDDED:
-        raise BlindSRError(f"unknown embedded model {name!r}; choose one of: {', '.join(EMBEDDED)}")
-    return HERE / EMBEDDED[name][0]
+
+def prior_path(name: str = "prior-s") -> Path:
+    """Path of the embedded diffusion prior ``name`` (one of :data:`PRIORS`)."""
+    return _path(PRIORS, name, "prior")
 
 
 def default_model_path() -> Path:
