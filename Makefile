@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.blindsr-installed
+WEB_STAMP := $(VENV)/.blindsr-web-installed
 
-.PHONY: install demo test test-slow lint clean
+.PHONY: install install-web demo web test test-slow test-browser lint clean
 
 $(STAMP): pyproject.toml
 	@# (re)create the venv when it is missing or half-made (no pip, e.g. after an interrupted creation)
@@ -17,6 +18,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The web page's extra (Gradio) and what its browser tests use: Playwright driving Debian's Chromium (apt; no
+# browser download). Without root or apt the Python part still installs; the browser tests then skip.
+$(WEB_STAMP): $(STAMP)
+	@$(PY) -m pip install -q -e ".[dev,web,webtest]"
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ; } || \
+		echo "make: chromium not installed (apt-get install chromium); the browser tests will skip"
+	@touch $(WEB_STAMP)
+
+install-web: $(WEB_STAMP)
+
+# `blindsr web`: the page on http://127.0.0.1:7860 (Ctrl+C stops it)
+web: $(WEB_STAMP)
+	@$(VENV)/bin/blindsr web
+
 demo: $(STAMP)
 	@$(PY) scripts/demo.py
 
@@ -25,6 +41,9 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	@$(PY) -m pytest -q -m slow
+
+test-browser: $(WEB_STAMP)
+	@$(PY) -m pytest -q -m browser
 
 lint: $(STAMP)
 	@$(VENV)/bin/ruff check src tests benchmarks scripts

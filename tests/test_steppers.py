@@ -128,11 +128,15 @@ STEP_COUNTS = [1, 2, 3, 7, 10, 20, 25, 30, 49, 50, 51, 99, 100, 250, 333, 500, 5
 @pytest.mark.parametrize("steps", [*STEP_COUNTS, 1000])
 def test_linspace_timesteps_match_diffusers_ddpm(steps):
     """IDDPM respacing, round((T - 1) j / (N - 1)) with Python's half-to-even round, == diffusers' linspace
-    (numpy's round, also half to even), for every N tried (an exhaustive check over 1..1000 also passes)."""
+    (numpy's round, also half to even), for every N tried (an exhaustive check over 1..1000 also passes).
+    Except N = 1 on purpose: both keep t = 0 only, where a one-step sampler returns its noise; ours is T - 1."""
     ref = set_timesteps(DDPMScheduler(num_train_timesteps=T, timestep_spacing="linspace"), steps)
     ours = timesteps_for("linspace", steps, T)
+    if steps == 1:
+        assert ref.timesteps.tolist() == [0] and ours == [T - 1]
+        return
     assert ours == sorted(ref.timesteps.tolist())
-    assert len(ours) == steps and ours[0] == 0 and ours[-1] == (T - 1 if steps > 1 else 0)
+    assert len(ours) == steps and ours[0] == 0 and ours[-1] == T - 1
 
 
 @pytest.mark.parametrize("steps", STEP_COUNTS)
@@ -156,7 +160,10 @@ def test_leading_timesteps_drop_the_out_of_range_step():
 def ddpm_scheduler(base: GaussianDiffusion, spacing: str, steps: int, f64: bool = True):
     s = DDPMScheduler(num_train_timesteps=T, trained_betas=base.betas.numpy(), variance_type="fixed_small",
                       clip_sample=False, timestep_spacing=spacing, steps_offset=int(spacing == "leading"))
-    set_timesteps(s, steps)
+    if steps == 1 and spacing == "linspace":  # ours: t = T-1 on purpose (diffusers' linspace keeps t = 0)
+        s.set_timesteps(timesteps=[T - 1])
+    else:
+        set_timesteps(s, steps)
     return float64_schedule(s, base) if f64 else s
 
 

@@ -122,3 +122,13 @@ def memory_budget(spec: str | float | None, device: torch.device) -> int | None:
     if not math.isfinite(gib) or gib < 1 / 64:
         raise BlindSRError(f"--max-memory {spec!r}: give a finite number of GiB, at least 1/64")
     return int(gib * GIB)
+
+
+def sampling_budget(spec: str | float | None, device: torch.device) -> int | None:
+    """What sampling may use on top of what the process already holds: :func:`memory_budget` less, on the CPU,
+    the resident memory now (call it once, after loading the model, so that a tile depends only on the image
+    size and the budget, never on earlier images)."""
+    budget = memory_budget(spec, device)
+    if budget is not None and device.type == "cpu":
+        budget -= resident_memory()
+    return budget

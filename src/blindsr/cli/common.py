@@ -205,20 +205,6 @@ def run_grouped(files: list[Path], batch_size: int, load: Callable[[Path], Any],
     return run_batch(files, one, name=str, quiet=quiet)
 
 
-def write_like_input(target: Path, out: Any, like: Any, *, overwrite: bool, inputs: list[Path]) -> None:
-    """Write ``out`` (3, H', W') the way the input ``like`` (a LoadedImage) was stored: grayscale back to
-    grayscale (BT.601 luma), the input's bit depth, and its alpha channel upscaled (bicubic) to H' x W'."""
-    from blindsr.degradations.operators import imresize
-    from blindsr.io.images import write_image
-
-    if like.is_gray:
-        out = (0.299 * out[0] + 0.587 * out[1] + 0.114 * out[2])[None]
-    alpha = None
-    if like.alpha is not None:
-        alpha = imresize(like.alpha[None].float(), size=tuple(out.shape[-2:]))[0].clamp(0, 1)
-    write_image(target, out, bit_depth=like.bit_depth, overwrite=overwrite, inputs=inputs, alpha=alpha)
-
-
 def process_shard() -> tuple[int, int, int]:
     """(rank, world size, local rank) of this process under ``accelerate launch`` / ``torchrun`` (their
     ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` variables), (0, 1, 0) otherwise. The image commands need no

@@ -23,6 +23,7 @@ COMMANDS = [
     ("eval", "PSNR/SSIM (and learned metrics) of predictions against ground truth"),
     ("train", "train a model from a config file (on Accelerate)"),
     ("weights", "inspect and convert checkpoints"),
+    ("web", "the web page: upload, compare, download (optional extra: pip install -e \".[web]\")"),
 ]
 
 

@@ -92,20 +92,8 @@ def build_config(args: argparse.Namespace, device):
     """The DiffBIR config from the preset of --version/--task and the flags that were given."""
     from blindsr.device import resolve_dtype
     from blindsr.methods.diffbir import DiffBIRConfig, GuidanceConfig, Tiling
-    from blindsr.models.sd.vae_tiling import VAETiling
 
-    tiling = Tiling.off() if args.no_tile else Tiling()
-    if not args.no_tile:
-        if args.tile is not None:
-            tiling.diffusion_tile = args.tile
-            tiling.diffusion_overlap = args.tile // 2 if args.tile_overlap is None else args.tile_overlap
-        elif args.tile_overlap is not None:
-            tiling.diffusion_overlap = args.tile_overlap
-        if args.cleaner_tile is not None:
-            tiling.cleaner_tile = args.cleaner_tile
-            tiling.cleaner_overlap = min(tiling.cleaner_overlap, args.cleaner_tile // 2)
-        if args.vae_tile is not None:
-            tiling.vae = VAETiling(encoder_tile=args.vae_tile, decoder_tile=args.vae_tile)
+    tiling = Tiling.from_options(args.tile, args.tile_overlap, args.cleaner_tile, args.vae_tile, args.no_tile)
     guidance = GuidanceConfig(scale=args.guidance_scale, loss=args.guidance_loss, space=args.guidance_space,
                               start=args.guidance_start, stop=args.guidance_stop, repeat=args.guidance_repeat)
     return DiffBIRConfig.from_preset(
@@ -156,8 +144,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _write(f: Path, img, res, i: int, target: Path, dt: float, args, inputs) -> str:
     """Write the restored image (grayscale / alpha as the input) and optionally the stage-1 image."""
-    from blindsr.cli.common import write_like_input
-    from blindsr.io.images import write_image
+    from blindsr.io.images import write_image, write_like_input
 
     out = res.image[i].float().cpu()
     write_like_input(target, out, img, overwrite=args.overwrite, inputs=inputs)

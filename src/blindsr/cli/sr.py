@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from blindsr.cli.common import check_unique_outputs, collect_inputs, process_shard, run_grouped
-    from blindsr.device import make_generator, memory_budget, resident_memory, resolve_device
+    from blindsr.device import make_generator, resolve_device, sampling_budget
     from blindsr.errors import BlindSRError
     from blindsr.io.images import check_output_path, output_path_for
     from blindsr.registry import resolve
@@ -127,9 +127,7 @@ def run(args: argparse.Namespace) -> int:
             raise BlindSRError("give --model or --ckpt, not both")
         ckpt = embedded_path(args.model)  # a missing file: load_pipeline's one-line "checkpoint not found"
     pipe = resolve("sr", args.method)(ckpt, device=device)
-    budget = memory_budget(args.max_memory, device)  # measured once, after loading: the tile depends only on
-    if budget is not None and device.type == "cpu":  # the image size and the budget, never on earlier images
-        budget -= resident_memory()
+    budget = sampling_budget(args.max_memory, device)  # once, after loading the model
     progress = not args.quiet and sys.stderr.isatty()
     opts = dict(steps=args.steps, lam=args.lam, norm=args.norm, down=args.down, x0_reg=args.x0_reg,
                 kernel_mode=args.kernel_mode, sampler=args.sampler, start=args.start, tile=args.tile,
@@ -168,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _write(f: Path, img, res, i: int, target: Path, scale: int, dt: float, args, inputs, device) -> str:
     """Write the SR image (gray / alpha as the input) and the optional kernel / trajectory files."""
-    from blindsr.cli.common import write_like_input
+    from blindsr.io.images import write_like_input
 
     write_like_input(target, res.sr[i].float().cpu(), img, overwrite=args.overwrite, inputs=inputs)
     extra = []

@@ -40,6 +40,7 @@ from blindsr.diffusion.gaussian import GaussianDiffusion, extract
 from blindsr.diffusion.parameterization import eps_from_x0, split
 from blindsr.diffusion.respace import respaced, space_timesteps
 from blindsr.errors import BlindSRError
+from blindsr.ops.progress import Progress, progress_bar
 from blindsr.registry import SAMPLERS
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -230,11 +231,12 @@ class SchedulerStepper:
 def timesteps_for(spacing: str, steps: int, T: int) -> list[int]:
     """Original timesteps of a ``steps``-step sampler: ``linspace`` (IDDPM respacing: evenly spaced, both ends
     included; guided-diffusion / BlindDiff) or ``leading`` (LDM DDIM "uniform": 1, 1 + T/S, ...; diffusers
-    ``timestep_spacing="leading", steps_offset=1``)."""
+    ``timestep_spacing="leading", steps_offset=1``). One ``linspace`` step is t = T-1 (x0 predicted from pure
+    noise): IDDPM's respacing would keep only t = 0, where the model takes the noise for a clean image."""
     if steps < 1:
         raise BlindSRError("--steps must be at least 1")
     if spacing == "linspace":
-        return space_timesteps(T, str(steps))
+        return [T - 1] if steps == 1 else space_timesteps(T, str(steps))
     if spacing == "leading":
         c = T // steps
         return [i * c + 1 for i in range(steps) if i * c + 1 < T]
@@ -296,17 +298,14 @@ def _needs_grad(guidance: Guidance | None) -> bool:
 
 def sample(model_fn: ModelFn, x_T: Tensor, stepper, generator: Generators = None, *,
            clip_x0: tuple[float, float] | None = None, guidance: Guidance | None = None,
-           callback: Callback | None = None, progress: bool = False) -> Tensor:
-    """Run ``stepper`` from ``x_T`` (the sample at ``stepper.timestep(0)``); returns the final sample."""
+           callback: Callback | None = None, progress: Progress = False) -> Tensor:
+    """Run ``stepper`` from ``x_T`` (the sample at ``stepper.timestep(0)``); returns the final sample.
+    ``progress``: False, True (a tqdm bar) or ``report(done, total)`` per step (``ops.progress``)."""
     x, need_grad = x_T, _needs_grad(guidance)
     if need_grad and getattr(stepper, "sigma_space", False):
         raise BlindSRError("gradient guidance needs a variance-preserving sampler (ddpm, ddim, dpm++)")
-    steps = range(len(stepper))
-    if progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, desc="sampling", leave=False, dynamic_ncols=True)
-    for i in steps:
+    bar = progress_bar(len(stepper), progress, "sampling")  # an exception (a cancel) leaves it to the GC
+    for i in range(len(stepper)):
         with torch.enable_grad() if need_grad else torch.no_grad():
             x_in = stepper.model_input(i, x.detach()).requires_grad_(need_grad)
             t = torch.full((x.shape[0],), stepper.timestep(i), device=x.device, dtype=torch.long)
@@ -334,4 +333,8 @@ def sample(model_fn: ModelFn, x_T: Tensor, stepper, generator: Generators = None
             callback(state)
         # free this step's image-sized tensors now, not when the next step overwrites the names
         del state, out, res, eps, x0, x_in, x_prev, grad
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     return x

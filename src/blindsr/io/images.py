@@ -461,6 +461,20 @@ def write_image(path: str | Path, img: torch.Tensor | np.ndarray, *, bit_depth: 
     return path
 
 
+def write_like_input(target: str | Path, out: torch.Tensor, like: LoadedImage, *, overwrite: bool,
+                     inputs: Iterable[str | Path] = ()) -> None:
+    """Write ``out`` (3, H', W') the way the input ``like`` (a LoadedImage) was stored: grayscale back to
+    grayscale (BT.601 luma), the input's bit depth, and its alpha channel upscaled (bicubic) to H' x W'."""
+    from blindsr.degradations.operators import imresize
+
+    if like.is_gray:
+        out = (0.299 * out[0] + 0.587 * out[1] + 0.114 * out[2])[None]
+    alpha = None
+    if like.alpha is not None:
+        alpha = imresize(like.alpha[None].float(), size=tuple(out.shape[-2:]))[0].clamp(0, 1)
+    write_image(target, out, bit_depth=like.bit_depth, overwrite=overwrite, inputs=inputs, alpha=alpha)
+
+
 def _to_hwc(img: torch.Tensor | np.ndarray, alpha: torch.Tensor | np.ndarray | None) -> np.ndarray:
     """(H,W,C) float32 in [0,1] from a (C,H,W) or (H,W) tensor/array plus an optional alpha."""
     def as_chw(x: torch.Tensor | np.ndarray) -> np.ndarray:

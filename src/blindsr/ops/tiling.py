@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from blindsr.errors import BlindSRError
+from blindsr.ops.progress import Progress, progress_bar
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class Accumulator:
 
 def tiled_map(fn: Callable[[Tensor], Tensor], x: Tensor, *, tile: int, overlap: int, margin: int = 0,
               window: str = "gaussian", sigma: float = 0.1, in_factor: int = 1, out_factor: int | None = None,
-              progress: bool = False) -> Tensor:
+              progress: Progress = False) -> Tensor:
     """Apply an image -> image network ``fn`` window by window and blend the outputs.
 
     Windows live on a grid of ``in_factor`` input pixels per unit (1 for a cleaner, 8 for the SD VAE encoder
@@ -132,10 +133,7 @@ def tiled_map(fn: Callable[[Tensor], Tensor], x: Tensor, *, tile: int, overlap: 
     boxes = tile_boxes(H, W, tile, overlap)
     if len(boxes) == 1:
         return fn(x)
-    if progress:
-        from tqdm.auto import tqdm
-
-        boxes = tqdm(boxes, desc="tiles", leave=False)
+    bar = progress_bar(len(boxes), progress, "tiles")
     acc = None
     for b in boxes:
         g = b.grown(margin, H, W)
@@ -152,6 +150,10 @@ def tiled_map(fn: Callable[[Tensor], Tensor], x: Tensor, *, tile: int, overlap: 
         w = gaussian_window(b.height * f, b.width * f, sigma, y.device) if window == "gaussian" else \
             ramp_window(b.scaled(f), (H * f, W * f), overlap * f, y.device)
         acc.add(core, b.scaled(f), w)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     return acc.result(dtype)
 
 

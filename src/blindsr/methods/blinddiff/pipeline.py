@@ -33,6 +33,7 @@ from blindsr.errors import BlindSRError, WeightsError
 from blindsr.methods.base import SRResult
 from blindsr.methods.blinddiff.config import PROCESS_FIELDS, BlindDiffConfig
 from blindsr.models.mcformer import predicted_kernels, unwrap_model
+from blindsr.ops.progress import Progress, progress_bar
 from blindsr.ops.resize import pad_to_multiple
 from blindsr.ops.tiling import Box, tile_boxes
 
@@ -115,7 +116,7 @@ class BlindDiffPipeline:
         return fn
 
     def __call__(self, lr: Tensor, *, steps: int | None = None, generator: Generators = None,
-                 return_trajectory: bool = False, progress: bool = False, max_memory: int | None = None,
+                 return_trajectory: bool = False, progress: Progress = False, max_memory: int | None = None,
                  **overrides: Any) -> SRResult:
         """Super-resolve ``lr`` (B, 3, h, w) in [0, 1].
 
@@ -124,7 +125,7 @@ class BlindDiffPipeline:
         config's). ``generator``: one generator, or a list with one per image (then each image's result does
         not depend on the batch it is in). ``max_memory``: bytes the sampling of this call may use; when no
         ``tile`` is set, the denoiser is tiled just enough to fit it (:meth:`auto_tile`).
-        ``progress``: one bar over steps x tiles."""
+        ``progress``: one bar over steps x tiles (True: tqdm; or ``report(done, total)``, ``ops.progress``)."""
         changes = {k: v for k, v in overrides.items() if v is not None}
         if steps is not None:
             changes["sample_steps"] = steps
@@ -147,7 +148,7 @@ class BlindDiffPipeline:
         tile = cfg.tile if cfg.tile is not None or max_memory is None else \
             self.auto_tile(b, H, W, max_memory, guided=cfg.lam != 0, overlap=cfg.tile_overlap)
         n_tiles = 1 if tile is None else len(tile_boxes(H, W, tile, cfg.tile_overlap, math.lcm(8, s)))
-        bar = _progress_bar(len(stepper) * n_tiles, progress)
+        bar = progress_bar(len(stepper) * n_tiles, progress, "sampling")
         if tile is not None:
             fn = tiled(fn, tile, cfg.tile_overlap, align=math.lcm(8, s), pass_box=True,
                        on_tile=bar.update if bar is not None else None)
@@ -209,15 +210,6 @@ class BlindDiffPipeline:
         act = batch * unwrap_model(self.model).config.activation_bytes_per_pixel(grad=guided)
         return choose_tile(height, width, budget, 1.25 * act, batch * 160.0, align=math.lcm(8, self.scale),
                            overlap=overlap, whole_per_pixel=act + batch * 160.0)
-
-
-def _progress_bar(total: int, enabled: bool):
-    """One bar per call over steps x tiles (tqdm's ETA), or None."""
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="sampling", leave=False, dynamic_ncols=True)
 
 
 def _counting(fn: Callable[..., ModelOutput], bar) -> Callable[..., ModelOutput]:

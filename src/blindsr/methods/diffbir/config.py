@@ -72,6 +72,26 @@ class Tiling:
     def off(cls) -> Tiling:
         return cls(0, 0, 0, 0, VAETiling(encoder_tile=0, decoder_tile=0))
 
+    @classmethod
+    def from_options(cls, tile: int | None = None, tile_overlap: int | None = None, cleaner_tile: int | None = None,
+                     vae_tile: int | None = None, no_tile: bool = False) -> Tiling:
+        """The defaults with the user's choices (``blindsr restore``'s flags, the web page's fields): a diffusion
+        tile overlaps by half unless told; a cleaner tile keeps at most half of itself as overlap."""
+        if no_tile:
+            return cls.off()
+        t = cls()
+        if tile is not None:
+            t.diffusion_tile = tile
+            t.diffusion_overlap = tile // 2 if tile_overlap is None else tile_overlap
+        elif tile_overlap is not None:
+            t.diffusion_overlap = tile_overlap
+        if cleaner_tile is not None:
+            t.cleaner_tile = cleaner_tile
+            t.cleaner_overlap = min(t.cleaner_overlap, cleaner_tile // 2)
+        if vae_tile is not None:
+            t.vae = VAETiling(encoder_tile=vae_tile, decoder_tile=vae_tile)
+        return t
+
 
 @dataclass
 class DiffBIRConfig(SDProcess):

@@ -37,6 +37,7 @@ from blindsr.methods.diffbir.weights import WeightPaths
 from blindsr.models.sd.vae_tiling import tiled_decode, tiled_encode
 from blindsr.ops.colorfix import color_fix
 from blindsr.ops.precision import cast_keep_norms_fp32
+from blindsr.ops.progress import Progress
 from blindsr.ops.resize import pad_to_multiple, resize_short_edge
 
 
@@ -106,17 +107,19 @@ class DiffBIRPipeline:
         h, w = lq.shape[-2:]
         return int(h * self.config.upscale), int(w * self.config.upscale)
 
-    def _clean(self, x: Tensor) -> Tensor:
+    def _clean(self, x: Tensor, progress: Progress = False) -> Tensor:
         from blindsr.models.restorers import restore_tiled
 
         t = self.config.tiling
         with self._on_device(self.cleaner), torch.no_grad():
             if t.cleaner_tile > 0:
-                return restore_tiled(self.cleaner, x, t.cleaner_tile, min(t.cleaner_overlap, t.cleaner_tile - 1))
+                return restore_tiled(self.cleaner, x, t.cleaner_tile, min(t.cleaner_overlap, t.cleaner_tile - 1),
+                                     progress=progress)
             return self.cleaner(x)
 
-    def stage1(self, lq: Tensor, min_size: int | None = None) -> Tensor:
-        """The cleaner output (B,3,H,W), short side >= ``min_size`` (default ``config.min_size``)."""
+    def stage1(self, lq: Tensor, min_size: int | None = None, progress: Progress = False) -> Tensor:
+        """The cleaner output (B,3,H,W), short side >= ``min_size`` (default ``config.min_size``);
+        ``progress`` over the cleaner's tiles (``ops.progress``)."""
         from blindsr.degradations.operators import imresize
 
         min_size = self.config.min_size if min_size is None else min_size
@@ -128,9 +131,9 @@ class DiffBIRPipeline:
             before = type(self.cleaner).__name__ == "SwinIR"  # official SwinIRPipeline resizes before
             if before and min(x.shape[-2:]) < min_size:
                 x = resize_short_edge(x, min_size)
-            y = self._clean(x)
+            y = self._clean(x, progress)
         else:  # BSRNet x4 on the input, then to the output size
-            y = self._clean(lq)
+            y = self._clean(lq, progress)
             if min(out_size) >= min_size:
                 return F.interpolate(y, size=out_size, mode="bicubic", antialias=True)
         if min(y.shape[-2:]) < min_size:
@@ -179,7 +182,7 @@ class DiffBIRPipeline:
         return tiled_decode(dec, z, t.decoder_tile, t.overlap, t.decoder_margin)
 
     def stage2(self, cond_img: Tensor, generator: Generators = None,
-               progress: bool = False, timings: dict[str, float] | None = None) -> tuple[Tensor, list[float]]:
+               progress: Progress = False, timings: dict[str, float] | None = None) -> tuple[Tensor, list[float]]:
         """Diffusion restoration of the stage-1 image (B,3,H,W) -> (B,3,H,W) in about [0, 1]."""
         if self.sd is None:
             raise BlindSRError("stage 2 needs the SD and ControlNet weights (or use --stage1-only)")
@@ -228,15 +231,16 @@ class DiffBIRPipeline:
         return ((x[..., :h0, :w0] + 1) / 2).float(), (guidance.losses if guidance else [])
 
     def __call__(self, lq: Tensor, generator: Generators = None, *,
-                 stage1_only: bool = False, progress: bool = False) -> DiffBIRResult:
-        """Restore ``lq`` ((B,3,h,w) or (3,h,w) in [0, 1]) to ``(h, w) x upscale``."""
+                 stage1_only: bool = False, progress: Progress = False) -> DiffBIRResult:
+        """Restore ``lq`` ((B,3,h,w) or (3,h,w) in [0, 1]) to ``(h, w) x upscale``. ``progress``: the cleaner's
+        tiles, then the sampling steps (``ops.progress``: True for tqdm bars, or ``report(done, total)``)."""
         single = lq.ndim == 3
         lq = lq[None] if single else lq
         if lq.ndim != 4 or lq.shape[1] != 3:
             raise BlindSRError(f"DiffBIR needs RGB images (B,3,H,W), got {tuple(lq.shape)}")
         out_size, timings = self.output_size(lq), {}
         t0 = time.perf_counter()
-        stage1 = self.stage1(lq, min_size=0 if stage1_only else None)
+        stage1 = self.stage1(lq, min_size=0 if stage1_only else None, progress=progress)
         timings["stage1"] = time.perf_counter() - t0
         losses: list[float] = []
         if stage1_only:

@@ -23,6 +23,7 @@ from blindsr.models.restorers import rrdbnet, scunet, swinir
 from blindsr.models.restorers.rrdbnet import RRDBNet, RRDBNetConfig
 from blindsr.models.restorers.scunet import SCUNet, SCUNetConfig
 from blindsr.models.restorers.swinir import SwinIR, SwinIRConfig
+from blindsr.ops.progress import Progress
 
 __all__ = ["SwinIR", "SwinIRConfig", "RRDBNet", "RRDBNetConfig", "SCUNet", "SCUNetConfig", "KINDS",
            "build_restorer", "load_restorer", "restore_tiled", "restorer_spec"]
@@ -88,7 +89,7 @@ def load_restorer(kind: str, path: str | Path, device: str | torch.device = "cpu
 
 @torch.no_grad()
 def restore_tiled(model: Callable[[torch.Tensor], torch.Tensor], img: torch.Tensor, tile: int = 512,
-                  overlap: int = 64, window: str = "gaussian", progress: bool = False) -> torch.Tensor:
+                  overlap: int = 64, window: str = "gaussian", progress: Progress = False) -> torch.Tensor:
     """Apply ``model`` to overlapping ``tile`` x ``tile`` windows of ``img`` ((C,H,W) or (B,C,H,W)) and
     blend the outputs (``blindsr.ops.tiling.tiled_map``: DiffBIR's Gaussian weights, sigma 0.1 of the tile, or
     ``ramp``). The output scale is read from the first tile (x1 cleaners, x4 RRDBNet). An image no larger than
