@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from blindsr.diffusion.parameterization import split, target
+from blindsr.diffusion.parameterization import noised, split, target
 
 # (half bin width, lower tail edge, upper tail edge) of the discretised Gaussian decoder (improved DDPM Eq. 13)
 NLL_BINS: dict[str, tuple[float, float, float]] = {
@@ -100,8 +100,7 @@ class GaussianDiffusion:
 
     # forward process q(x_t | x_0) (Ho et al. Eq. 4)
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        abar = self.abar(t, x0)
-        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        return noised(x0, noise, self.abar(t, x0))
 
     def q_mean_variance(self, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         abar = self.abar(t, x0)

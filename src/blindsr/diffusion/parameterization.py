@@ -41,6 +41,12 @@ def split(pred: Tensor, kind: str, x_t: Tensor, abar: Tensor) -> tuple[Tensor, T
     raise BlindSRError(f"prediction must be one of {', '.join(PREDICTIONS)}; got {kind!r}")
 
 
+def noised(x0: Tensor, eps: Tensor, abar: Tensor) -> Tensor:
+    """``x_t = sqrt(abar) x0 + sqrt(1 - abar) eps`` (Ho et al. Eq. 4), for any (also non-integer) timestep's
+    ``abar``; :func:`split` of an ``eps`` prediction inverts it."""
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+
+
 def eps_from_x0(x_t: Tensor, x0: Tensor, abar: Tensor) -> Tensor:
     """The noise consistent with an x0 that was changed after :func:`split` (clipping, guidance)."""
     return (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()

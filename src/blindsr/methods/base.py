@@ -27,6 +27,7 @@ class SRResult:
     kernels_traj: Tensor | None = None  # (steps, B, k, k) when return_trajectory
     x0_traj: Tensor | None = None  # (n, B, 3, sH, sW) a few x0_hat snapshots when return_trajectory
     traj_steps: list[int] | None = None  # sampling-step numbers of the x0 snapshots
+    t_hat: Tensor | None = None  # (B,) DM-SR: the timestep each image was mapped to
 
 
 class Pipeline(Protocol):
