@@ -306,3 +306,31 @@ def test_full_size_sd_turbo_parts_on_the_meta_device():
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert round(count(unet) / 1e5) / 10 == 865.9
     assert round(count(vae) / 1e4) / 100 == 83.65
+
+
+def test_cli_sr_method_dmsr(tmp_path, capsys):
+    from PIL import Image
+
+    from blindsr.cli.main import main
+    from blindsr.methods.prior.model import Prior, save_prior
+
+    prior = tiny_pixel_prior()
+    ppath = save_prior(Prior(prior.unet, _prior_cfg(prior)), tmp_path / "prior.safetensors")
+    est, enc, _ = tiny_nets()
+    pipe = pipeline.DMSRPipeline(est.eval(), enc.eval(), pipeline.pixel_prior(str(ppath)))
+    ckpt = pipeline.save_pipeline(pipe, tmp_path / "dmsr.safetensors", "pixel", prior=str(ppath))
+    img = tmp_path / "in.png"
+    Image.fromarray((torch.rand(10, 14, 3, generator=gen(3)) * 255).byte().numpy()).save(img)
+    out = tmp_path / "out"
+    assert main(["sr", str(img), "-o", str(out), "--method", "dmsr", "--encoder", str(ckpt), "--steps", "2",
+                 "--t-hat", "200"]) == 0
+    assert "t̂ 200.0" in capsys.readouterr().out
+    with Image.open(out / "in.png") as im:
+        assert im.size == (56, 40)
+    for argv, msg in ((["--method", "dmsr"], "no embedded DM-SR-S"),
+                      (["--method", "dmsr", "--encoder", str(ckpt), "--lambda", "1"], "--lambda: BlindDiff option"),
+                      (["--method", "dmsr", "--encoder", str(ckpt), "--prompt", "x"], "unconditional"),
+                      (["--t-hat", "3"], "--t-hat is a DM-SR option")):
+        assert main(["sr", str(img), "-o", str(tmp_path / "o2"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, err

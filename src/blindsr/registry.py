@@ -13,6 +13,7 @@ REGISTRY: dict[str, dict[str, Any]] = {
     # `blindsr sr --method NAME`: NAME -> loader(ckpt, device) -> Pipeline
     "sr": {
         "blinddiff": "blindsr.methods.blinddiff.pipeline:load_pipeline",
+        "dmsr": "blindsr.methods.dmsr.pipeline:load_pipeline",
     },
     # `blindsr train NAME`: NAME -> recipe(RunConfig) -> Recipe
     "recipe": {

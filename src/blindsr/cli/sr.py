@@ -70,6 +70,14 @@ def register(subparsers, help_: str) -> None:
     p.add_argument("--save-kernel", action="store_true", help="also write NAME_kernel.png and NAME_kernel.npy")
     p.add_argument("--save-trajectory", action="store_true",
                    help="also write NAME_trajectory.png (x0 estimates) and NAME_kernels.npy (kernel per step)")
+    m = p.add_argument_group("DM-SR (--method dmsr)")
+    m.add_argument("--sd-turbo", metavar="PATH", help="SD-Turbo weights (local diffusers folder or .safetensors) "
+                   "for a DM-SR encoder trained on the sd-turbo backend")
+    m.add_argument("--encoder", metavar="FILE", help="DM-SR checkpoint (E_θ + T); the same as --ckpt")
+    m.add_argument("--t-hat", type=float, metavar="T", help="force this timestep for every image (default: "
+                   "estimated per image)")
+    m.add_argument("--prompt", help="the fixed prompt of the sd-turbo backend (default: the paper's)")
+    m.add_argument("--color-fix", choices=("wavelet", "adain", "none"), help="colour correction (default none)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders of folder inputs")
     p.add_argument("--quiet", action="store_true", help="no per-image lines or progress bars")
@@ -102,7 +110,6 @@ def run(args: argparse.Namespace) -> int:
     from blindsr.device import make_generator, resolve_device, sampling_budget
     from blindsr.errors import BlindSRError
     from blindsr.io.images import check_output_path, output_path_for
-    from blindsr.registry import resolve
 
     if args.batch_size < 1:
         raise BlindSRError("--batch-size must be at least 1")
@@ -119,20 +126,14 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if world > 1 and device.type == "cuda" and device.index is None:  # one GPU per process
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
-    ckpt = args.ckpt
-    if args.model:
-        from blindsr.weights import embedded_path
-
-        if args.ckpt:
-            raise BlindSRError("give --model or --ckpt, not both")
-        ckpt = embedded_path(args.model)  # a missing file: load_pipeline's one-line "checkpoint not found"
-    pipe = resolve("sr", args.method)(ckpt, device=device)
-    budget = sampling_budget(args.max_memory, device)  # once, after loading the model
     progress = not args.quiet and sys.stderr.isatty()
-    opts = dict(steps=args.steps, lam=args.lam, norm=args.norm, down=args.down, x0_reg=args.x0_reg,
-                kernel_mode=args.kernel_mode, sampler=args.sampler, start=args.start, tile=args.tile,
-                tile_overlap=args.tile_overlap, return_trajectory=args.save_trajectory, progress=progress)
-    # the config's own choices are validated by BlindDiffConfig (dataclasses.replace in the pipeline)
+    if args.method == "dmsr":
+        pipe, opts = _dmsr(args, device)
+        budget = None
+    else:
+        pipe, opts = _blinddiff(args, device)
+        budget = sampling_budget(args.max_memory, device)  # once, after loading the model
+    opts["progress"] = progress
 
     def prepare(f: Path):
         from blindsr.io.images import load_image
@@ -143,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
     def infer(imgs: list):
         lr = torch.stack([img.rgb for img in imgs]).to(device)
         room = None if budget is None else max(budget, 0) * len(imgs)  # --max-memory is per image of a batch
-        return pipe(lr, generator=[make_generator(args.seed, "cpu") for _ in imgs], max_memory=room, **opts)
+        memory = {} if args.method == "dmsr" else {"max_memory": room}
+        return pipe(lr, generator=[make_generator(args.seed, "cpu") for _ in imgs], **memory, **opts)
 
     def write(f: Path, img, res, i: int, dt: float) -> str:
         return _write(f, img, res, i, targets[f], pipe.scale, dt, args, inputs, device)
@@ -162,6 +164,48 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 0
     return rc
+
+
+def _blinddiff(args: argparse.Namespace, device) -> tuple:
+    """The BlindDiff pipeline of ``--model`` / ``--ckpt`` and its per-call options."""
+    from blindsr.errors import BlindSRError
+    from blindsr.registry import resolve
+
+    ckpt = args.ckpt
+    for flag in ("sd_turbo", "encoder", "t_hat", "prompt", "color_fix"):
+        if getattr(args, flag) is not None:
+            raise BlindSRError(f"--{flag.replace('_', '-')} is a DM-SR option (--method dmsr)")
+    if args.model:
+        from blindsr.weights import embedded_path
+
+        if args.ckpt:
+            raise BlindSRError("give --model or --ckpt, not both")
+        ckpt = embedded_path(args.model)  # a missing file: load_pipeline's one-line "checkpoint not found"
+    pipe = resolve("sr", args.method)(ckpt, device=device)
+    # the config's own choices are validated by BlindDiffConfig (dataclasses.replace in the pipeline)
+    return pipe, dict(steps=args.steps, lam=args.lam, norm=args.norm, down=args.down, x0_reg=args.x0_reg,
+                      kernel_mode=args.kernel_mode, sampler=args.sampler, start=args.start, tile=args.tile,
+                      tile_overlap=args.tile_overlap, return_trajectory=args.save_trajectory)
+
+
+def _dmsr(args: argparse.Namespace, device) -> tuple:
+    """The DM-SR pipeline of ``--encoder`` / ``--ckpt`` (and ``--sd-turbo``) and its per-call options."""
+    from blindsr.errors import BlindSRError
+    from blindsr.registry import resolve
+
+    blinddiff_only = {"model": args.model, "lambda": args.lam, "norm": args.norm, "down": args.down,
+                      "x0-reg": args.x0_reg, "kernel-mode": args.kernel_mode, "sampler": args.sampler,
+                      "start": args.start, "save-kernel": args.save_kernel or None,
+                      "save-trajectory": args.save_trajectory or None}
+    given = [f"--{k}" for k, v in blinddiff_only.items() if v is not None]
+    if given:
+        raise BlindSRError(f"{', '.join(given)}: BlindDiff option(s), not DM-SR's")
+    if args.ckpt and args.encoder:
+        raise BlindSRError("give --encoder or --ckpt, not both")
+    pipe = resolve("sr", "dmsr")(args.encoder or args.ckpt, device=device, sd_turbo=args.sd_turbo,
+                                 prompt=args.prompt)
+    return pipe, dict(steps=args.steps, t_hat=args.t_hat, color_fix=args.color_fix, tile=args.tile,
+                      tile_overlap=args.tile_overlap)
 
 
 def _write(f: Path, img, res, i: int, target: Path, scale: int, dt: float, args, inputs, device) -> str:
@@ -183,7 +227,8 @@ def _write(f: Path, img, res, i: int, target: Path, scale: int, dt: float, args,
     more = f" (+{', '.join(extra)})" if extra else ""
     from blindsr.device import GIB, peak_memory
 
-    return (f"{f.name}: {w}x{h} -> {w * scale}x{h * scale} in {dt:.1f}s (peak memory so far "
+    t_hat = f", t̂ {res.t_hat[i].item():.1f}" if res.t_hat is not None else ""
+    return (f"{f.name}: {w}x{h} -> {w * scale}x{h * scale} in {dt:.1f}s{t_hat} (peak memory so far "
             f"{peak_memory(device) / GIB:.2f} GiB) -> {target}{more}")
 
 

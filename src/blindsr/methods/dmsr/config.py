@@ -67,7 +67,8 @@ class InferenceConfig:
     t_hat: float | None = None  # force this timestep for every image (Table 3's fixed t); None: the estimator's
     reuse_eps: bool = True  # multi-step re-noising with the first call's ε_SR (paper) or each step's own
     color_fix: str = "none"  # wavelet | adain | none, against the bicubic-upsampled input
-    tile: int | None = None  # HR tile in pixels (None: whole image); t̂ is always one per image
+    tile: int | None = 512  # HR tile in pixels, for larger images (InvSR's 128-pixel LR chops); None: whole
+    #                          image at once. t̂ is always one per image, from the whole LR
     tile_overlap: int = 64
     tile_margin: int = 32  # HR pixels of context around each tile, computed and cropped away
     prompt: str = DEFAULT_PROMPT  # SD backend only (the pixel prior is unconditional)

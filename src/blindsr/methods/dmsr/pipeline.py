@@ -150,9 +150,10 @@ def sd_turbo_prior(path: str | Path, prompt: str, device: str | torch.device = "
 
 def load_pipeline(ckpt: str | Path | None = None, device: str | torch.device = "cpu", *,
                   sd_turbo: str | Path | None = None, prior: FrozenPrior | None = None,
-                  config: InferenceConfig | None = None) -> DMSRPipeline:
+                  prompt: str | None = None) -> DMSRPipeline:
     """A DM-SR pipeline from a checkpoint (``ckpt``; None: the embedded DM-SR-S). The frozen μψ: ``prior`` if
-    given, else the checkpoint's backend: its embedded pixel prior, or SD-Turbo from ``sd_turbo``."""
+    given, else the checkpoint's backend: its embedded pixel prior, or SD-Turbo from ``sd_turbo`` with the
+    checkpoint's fixed prompt (or ``prompt``: a per-run one; the pixel prior has none)."""
     from blindsr.io.weights import load_into
 
     if ckpt is None:  # DM-SR-S is not trained yet (it needs the pixel prior first)
@@ -167,7 +168,11 @@ def load_pipeline(ckpt: str | Path | None = None, device: str | torch.device = "
     encoder = TimeAwareEncoder(from_dict(EncoderConfig, meta["encoder"], "encoder"))
     load_into(estimator, {k[10:]: v for k, v in sd.items() if k.startswith("estimator.")}, strict=True)
     load_into(encoder, {k[8:]: v for k, v in sd.items() if k.startswith("encoder.")}, strict=True)
-    config = config or from_dict(InferenceConfig, meta.get("inference", {}), "inference")
+    config = from_dict(InferenceConfig, meta.get("inference", {}), "inference")
+    if prompt is not None:
+        if backend == "pixel":
+            raise BlindSRError("--prompt: the pixel backend's prior is unconditional")
+        config = dataclasses.replace(config, prompt=prompt)
     if prior is None:
         if backend == "pixel":
             prior = pixel_prior(meta.get("prior"), device, process)
