@@ -308,17 +308,12 @@ def test_full_size_sd_turbo_parts_on_the_meta_device():
     assert round(count(vae) / 1e4) / 100 == 83.65
 
 
-def test_cli_sr_method_dmsr(tmp_path, capsys):
+def test_cli_sr_method_dmsr(tmp_path, capsys, tiny_dmsr_checkpoint):
     from PIL import Image
 
     from blindsr.cli.main import main
-    from blindsr.methods.prior.model import Prior, save_prior
 
-    prior = tiny_pixel_prior()
-    ppath = save_prior(Prior(prior.unet, _prior_cfg(prior)), tmp_path / "prior.safetensors")
-    est, enc, _ = tiny_nets()
-    pipe = pipeline.DMSRPipeline(est.eval(), enc.eval(), pipeline.pixel_prior(str(ppath)))
-    ckpt = pipeline.save_pipeline(pipe, tmp_path / "dmsr.safetensors", "pixel", prior=str(ppath))
+    ckpt = tiny_dmsr_checkpoint
     img = tmp_path / "in.png"
     Image.fromarray((torch.rand(10, 14, 3, generator=gen(3)) * 255).byte().numpy()).save(img)
     out = tmp_path / "out"

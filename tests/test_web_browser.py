@@ -52,7 +52,7 @@ def _tiny_cleaner(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, tiny_dmsr_checkpoint):
     for mod, what in (("gradio", 'the web extra (pip install -e ".[web]")'), ("playwright", "Playwright")):
         try:
             __import__(mod)
@@ -67,8 +67,9 @@ def server(tmp_path_factory):
         env.pop(v)
     port = _free_port()
     cleaner = _tiny_cleaner(home / "tiny_rrdbnet.safetensors")  # DiffBIR stage 1, from the server's side
+    dmsr = tiny_dmsr_checkpoint  # DM-SR: a tiny random checkpoint
     proc = subprocess.Popen([sys.executable, "-m", "blindsr.cli.main", "web", "--port", str(port), "--device", "cpu",
-                             "--max-upload-mb", "2", "--cleaner", str(cleaner)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             "--max-upload-mb", "2", "--cleaner", str(cleaner), "--dmsr-encoder", str(dmsr)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, cwd=home)
     log: list[str] = []
     ready = threading.Event()
@@ -234,3 +235,12 @@ def test_diffbir_stage1_runs_with_the_cleaner_the_server_was_given(page):
     assert "--stage1-only" in status
     assert _natural_size(page, "#slider img") == (192, 192)
     assert page.locator("#kernel img").count() == 0  # no kernel from DiffBIR
+
+
+def test_dmsr_runs_with_the_checkpoint_the_server_was_given(page):
+    page.get_by_role("tab", name="DM-SR").click()
+    _upload(page, ZEBRA)
+    page.click("#run-dmsr")
+    status = _wait_job(page)
+    assert "Done: 1 image(s)" in status and "--method dmsr --encoder" in status and "t̂ " in status, status
+    assert _natural_size(page, "#slider img") == (192, 192)

@@ -248,3 +248,18 @@ def test_web_command_errors_are_one_line(capsys, monkeypatch):
     assert main(["web"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and 'needs the "web" extra' in err
+
+
+def test_dmsr_job_and_what_it_needs(tmp_path, models, tiny_dmsr_checkpoint):
+    from blindsr.methods.dmsr import pipeline as dp
+
+    assert "--dmsr-encoder FILE" in jobs.dmsr_missing(None, None)
+    assert jobs.dmsr_missing(str(tiny_dmsr_checkpoint), None) is None
+    pipe = dp.load_pipeline(tiny_dmsr_checkpoint)
+    sd_ckpt = dp.save_pipeline(pipe, tmp_path / "sd.safetensors", "sd-turbo")
+    assert "--sd-turbo PATH" in jobs.dmsr_missing(str(sd_ckpt), None)
+    items, _ = jobs.gather_inputs([_png(tmp_path / "a.png")], tmp_path / "in")
+    p = jobs.DMSRParams(steps=2, encoder=str(tiny_dmsr_checkpoint))
+    res = jobs.run_job("dmsr", p, items, tmp_path / "out", models, jobs.Tracker(1, lambda f, s: None))
+    assert res.errors == [] and res.images[0].size_out == (96, 80) and res.images[0].note.startswith("t̂ ")
+    assert res.cli == f"blindsr sr a.png -o out/ --method dmsr --encoder {tiny_dmsr_checkpoint} --steps 2 --seed 0"

@@ -28,6 +28,9 @@ def register(subparsers, help_: str) -> None:
     w.add_argument("--sd", metavar="PATH", help="SD 2.1 checkpoint or diffusers folder")
     w.add_argument("--controlnet", metavar="PATH", help="DiffBIR ControlNet")
     w.add_argument("--cleaner", metavar="PATH", help="stage-1 cleaner weights")
+    d = p.add_argument_group("DM-SR weights (local paths; as blindsr sr --method dmsr)")
+    d.add_argument("--dmsr-encoder", metavar="FILE", help="DM-SR checkpoint (E_θ + T)")
+    d.add_argument("--sd-turbo", metavar="PATH", help="SD-Turbo weights, for a checkpoint of the sd-turbo backend")
     add_common(p, seed=False)
     p.set_defaults(func=run)
 
@@ -46,5 +49,6 @@ def run(args: argparse.Namespace) -> int:
     from blindsr.web import serve
 
     serve(args.host, args.port, args.device, max_upload_mb=args.max_upload_mb,
-          weights={"sd": args.sd, "controlnet": args.controlnet, "cleaner": args.cleaner})
+          weights={"sd": args.sd, "controlnet": args.controlnet, "cleaner": args.cleaner},
+          dmsr={"encoder": args.dmsr_encoder, "sd_turbo": args.sd_turbo})
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 def serve(host: str = "127.0.0.1", port: int = 7860, device: str = "auto", *, max_upload_mb: int = 64,
-          weights: dict[str, str | None] | None = None) -> None:
+          weights: dict[str, str | None] | None = None, dmsr: dict[str, str | None] | None = None) -> None:
     """Start the page and block until interrupted (Ctrl+C or SIGTERM). Everything it writes -- Gradio's upload
     cache included -- lives under one temporary folder, removed when it returns."""
     import os
@@ -25,6 +25,6 @@ def serve(host: str = "127.0.0.1", port: int = 7860, device: str = "auto", *, ma
     try:
         from blindsr.web.app import Server, launch
 
-        launch(Server(resolve_device(device), root, weights or {}), host, port, max_upload_mb)
+        launch(Server(resolve_device(device), root, weights or {}, dmsr), host, port, max_upload_mb)
     finally:
         shutil.rmtree(root, ignore_errors=True)

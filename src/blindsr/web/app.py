@@ -31,8 +31,9 @@ def _cancel_event(token: str) -> threading.Event:
 class Server:
     """What the page's handlers share: the device, the loaded model, the temporary root, the weight flags."""
 
-    def __init__(self, device, root: Path, weights: dict[str, str | None]):
+    def __init__(self, device, root: Path, weights: dict[str, str | None], dmsr: dict[str, str | None] | None = None):
         self.device, self.root, self.weights = device, root, weights
+        self.dmsr = {"encoder": None, "sd_turbo": None, **(dmsr or {})}  # DM-SR checkpoint and SD-Turbo paths
         self.models = jobs.Models(device)
 
     def session_dir(self, session_hash: str | None, make: bool = True) -> Path:
@@ -120,6 +121,9 @@ def build(server: Server):
             lines.append(f"**Done:** {done} image(s) in {result.seconds:.1f} s, peak memory "
                          f"{result.peak_bytes / 2**30:.2f} GiB, seed {result.seed}.")
             lines.append(f"Same as: `{result.cli}`")
+            notes_img = [f"{r.output.name}: {r.note}" for r in result.images if r.note]
+            if notes_img:
+                lines.append("; ".join(notes_img))
         for e in notes + result.errors:
             lines.append(f"- **Error:** {e}")
         if not done and not result.cancelled:
@@ -165,6 +169,15 @@ def build(server: Server):
         if missing:
             return (f"**DiffBIR needs weights:** {missing}", gr.update(), None, None, None, None, None)
         return run("diffbir", request, token, files, pasted, p, progress)
+
+    def run_dmsr(token, files, pasted, steps, t_hat, cfix, tile, seed, request: gr.Request,
+                 progress=gr.Progress()):
+        missing = jobs.dmsr_missing(**server.dmsr)
+        if missing:
+            return (f"**DM-SR needs weights:** {missing}", gr.update(), None, None, None, None, None)
+        p = jobs.DMSRParams(steps=int(steps or 1), t_hat=_number(t_hat, float), color_fix=_choice(cfix),
+                            tile=_number(tile), seed=int(seed or 0), **server.dmsr)
+        return run("dmsr", request, token, files, pasted, p, progress)
 
     def diffbir_status(*opts):
         missing = jobs.diffbir_missing(diffbir_params(*opts), server.weights)
@@ -219,6 +232,18 @@ def build(server: Server):
                             cfix = gr.Dropdown([DEFAULT, *DIFFBIR_COLOR_FIXES], value=DEFAULT, label="Colour fix")
                             db_seed = gr.Number(0, label="Seed", precision=0)
                         go_db = gr.Button("Restore with DiffBIR", variant="primary", elem_id="run-diffbir")
+                    with gr.Tab("DM-SR"):
+                        missing = jobs.dmsr_missing(**server.dmsr)
+                        gr.Markdown(f"**Needs:** {missing}" if missing else "Weights found: ready.")
+                        with gr.Row():
+                            dm_steps = gr.Number(1, label="Steps (1: the paper's)", precision=0, minimum=1)
+                            dm_t = gr.Number(0, label="t̂ (0: estimated per image)", minimum=0, maximum=499)
+                        with gr.Row():
+                            dm_cfix = gr.Dropdown([DEFAULT, *DIFFBIR_COLOR_FIXES], value=DEFAULT,
+                                                  label="Colour fix")
+                            dm_tile = gr.Number(0, label="Tile (HR px; 0: default 512)", precision=0, minimum=0)
+                            dm_seed = gr.Number(0, label="Seed", precision=0)
+                        go_dm = gr.Button("Super-resolve with DM-SR", variant="primary", elem_id="run-dmsr")
                 cancel = gr.Button("Cancel the running job", variant="stop", elem_id="cancel")
             with gr.Column(scale=2):
                 status = gr.Markdown(elem_id="status")
@@ -243,6 +268,8 @@ def build(server: Server):
             outputs, concurrency_id="job")
         go_db.click(**new_token).then(run_diffbir, [token, files, pasted, *db_opts], outputs,
                                       concurrency_id="job")
+        go_dm.click(**new_token).then(run_dmsr, [token, files, pasted, dm_steps, dm_t, dm_cfix, dm_tile, dm_seed],
+                                      outputs, concurrency_id="job")
         cancel.click(lambda t: _cancel_event(t).set() if t else None, token, None, queue=False)
         shown.change(pick, [shown, cx, cy, result], [slider, zoom, kernel], queue=False)
         for c in (cx, cy):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from blindsr.errors import BlindSRError
 from blindsr.io.images import IMAGE_SUFFIXES
@@ -179,6 +180,7 @@ class ImageResult:
     size_in: tuple[int, int]  # (w, h)
     size_out: tuple[int, int]
     seconds: float
+    note: str = ""  # what the method chose for this image (DM-SR: its t̂)
 
 
 @dataclass
@@ -242,6 +244,42 @@ class DiffBIRParams:
         return _cli_line("restore", names, opts, ["--stage1-only"] if self.stage1_only else [])
 
 
+@dataclass
+class DMSRParams:
+    """``blindsr sr --method dmsr``'s options; the checkpoint and SD-Turbo paths come from the server's side."""
+
+    steps: int = 1
+    t_hat: float | None = None  # None: estimated per image
+    color_fix: str | None = None
+    tile: int | None = None  # None: the model's (512)
+    seed: int = 0
+    encoder: str | None = None  # set by the server (blindsr web --dmsr-encoder)
+    sd_turbo: str | None = None  # set by the server (blindsr web --sd-turbo)
+
+    def cli(self, names: list[str]) -> str:
+        opts = [("--method", "dmsr"), ("--encoder", self.encoder), ("--sd-turbo", self.sd_turbo),
+                ("--steps", self.steps), ("--t-hat", self.t_hat), ("--color-fix", self.color_fix),
+                ("--tile", self.tile), ("--seed", self.seed)]
+        return _cli_line("sr", names, opts, [])
+
+
+def dmsr_missing(encoder: str | None, sd_turbo: str | None) -> str | None:
+    """Why a DM-SR job cannot run (which files it needs and how to give them), or None."""
+    from blindsr.methods.dmsr.pipeline import read_checkpoint
+
+    if not encoder:
+        return ("no DM-SR checkpoint: start the page with `blindsr web --dmsr-encoder FILE` (no DM-SR-S model is "
+                "embedded yet; train one with `blindsr train dmsr --config configs/dmsr_s.yaml`)")
+    try:
+        meta, _ = read_checkpoint(encoder)
+    except BlindSRError as e:
+        return str(e)
+    if meta.get("backend") == "sd-turbo" and not sd_turbo:
+        return (f"{Path(encoder).name} runs on SD-Turbo: start the page with `--sd-turbo PATH` too (a local "
+                "diffusers folder with unet/, vae/, text_encoder/, or a single .safetensors)")
+    return None
+
+
 def blinddiff_defaults(model: str | None) -> tuple[int, float]:
     """(sampling steps, λ) an embedded model uses when none are given: the page's initial values."""
     from blindsr.methods.blinddiff.config import BlindDiffConfig
@@ -287,13 +325,13 @@ class Models:
         return self._pipe
 
 
-def run_job(method: str, params: BlindDiffParams | DiffBIRParams, inputs: list[tuple[str, Path]], out_dir: Path,
+def run_job(method: str, params: BlindDiffParams | DiffBIRParams | DMSRParams, inputs: list[tuple[str, Path]], out_dir: Path,
             models: Models, tracker: Tracker, weights: dict[str, str | None] | None = None) -> JobResult:
-    """Run ``method`` (blinddiff | diffbir) over ``inputs`` into ``out_dir`` (a fresh folder). Bad inputs are
+    """Run ``method`` (blinddiff | diffbir | dmsr) over ``inputs`` into ``out_dir`` (a fresh folder). Bad inputs are
     reported and skipped; a cancel ends the job after the current unit of work, keeping what was finished."""
     out_dir.mkdir(parents=True, exist_ok=True)
     device = models.device
-    one = _blinddiff_one if method == "blinddiff" else _diffbir_one
+    one = {"blinddiff": _blinddiff_one, "diffbir": _diffbir_one, "dmsr": _dmsr_one}[method]
     results, errors, cancelled = [], [], False
     t0 = time.perf_counter()
     with PeakMemory(device) as mem:
@@ -326,20 +364,30 @@ def _load(path: Path):
     return load_image(path)
 
 
-def _save_preview(img, scale_size: tuple[int, int], target: Path) -> None:
-    """The bicubic-upscaled input (8-bit RGB), the "before" of the slider."""
+def _finish(name: str, path: Path, img, sr: Tensor, out_dir: Path, t0: float, kernel: Tensor | None = None,
+            note: str = "") -> ImageResult:
+    """Write one image's results: the output as the CLI writes it (bit depth, gray, alpha as the input), the
+    kernel picture (BlindDiff), and the bicubic-upscaled input at the output size (the slider's "before")."""
     from blindsr.degradations.operators import imresize
-    from blindsr.io.images import write_image
+    from blindsr.io.images import write_image, write_like_input
+    from blindsr.io.visual import save_kernel
 
-    up = imresize(img.rgb[None], size=scale_size)[0].clamp(0, 1)
-    write_image(target, up, overwrite=True)
+    out = out_dir / f"{path.stem}.png"
+    write_like_input(out, sr.float().cpu(), img, overwrite=False, inputs=[path])
+    kernel_png = None
+    if kernel is not None:
+        kernel_png = out_dir / f"{path.stem}_kernel.png"
+        save_kernel(kernel.cpu(), kernel_png, overwrite=False)
+    h, w = sr.shape[-2:]
+    preview = out_dir / "preview" / f"{path.stem}_bicubic.png"
+    write_image(preview, imresize(img.rgb[None], size=(h, w))[0].clamp(0, 1), overwrite=True)
+    return ImageResult(name, out, preview, kernel_png, (img.width, img.height), (w, h), time.perf_counter() - t0,
+                       note)
 
 
 def _blinddiff_one(name: str, path: Path, p: BlindDiffParams, out_dir: Path, models: Models, tracker: Tracker,
                    weights: dict) -> ImageResult:
     from blindsr.device import make_generator, sampling_budget
-    from blindsr.io.images import write_like_input
-    from blindsr.io.visual import save_kernel
     from blindsr.methods.blinddiff.pipeline import load_pipeline
     from blindsr.weights import DEFAULT_MODEL, embedded_path
 
@@ -350,22 +398,12 @@ def _blinddiff_one(name: str, path: Path, p: BlindDiffParams, out_dir: Path, mod
     budget = sampling_budget(p.max_memory, models.device)
     res = pipe(img.rgb[None].to(models.device), generator=[make_generator(p.seed, "cpu")], steps=p.steps,
                lam=p.lam, sampler=p.sampler, tile=p.tile, max_memory=budget, progress=tracker.report)
-    stem = path.stem
-    out = out_dir / f"{stem}.png"
-    write_like_input(out, res.sr[0].float().cpu(), img, overwrite=False, inputs=[path])
-    kernel = out_dir / f"{stem}_kernel.png"
-    save_kernel(res.kernel[0].cpu(), kernel, overwrite=False)
-    size = tuple(res.sr.shape[-2:])
-    preview = out_dir / "preview" / f"{stem}_bicubic.png"
-    _save_preview(img, size, preview)
-    return ImageResult(name, out, preview, kernel, (img.width, img.height), (size[1], size[0]),
-                       time.perf_counter() - t0)
+    return _finish(name, path, img, res.sr[0], out_dir, t0, kernel=res.kernel[0])
 
 
 def _diffbir_one(name: str, path: Path, p: DiffBIRParams, out_dir: Path, models: Models, tracker: Tracker,
                  weights: dict) -> ImageResult:
     from blindsr.device import make_generator
-    from blindsr.io.images import write_like_input
     from blindsr.methods.diffbir import (
         DiffBIRConfig,
         DiffBIRPipeline,
@@ -387,13 +425,20 @@ def _diffbir_one(name: str, path: Path, p: DiffBIRParams, out_dir: Path, models:
                                                                "guidance", "tiling")})
     res = pipe(img.rgb[None], [make_generator(p.seed, "cpu")], stage1_only=p.stage1_only,
                progress=tracker.report)
-    out = out_dir / f"{path.stem}.png"
-    write_like_input(out, res.image[0].float().cpu(), img, overwrite=False, inputs=[path])
-    size = tuple(res.image.shape[-2:])
-    preview = out_dir / "preview" / f"{path.stem}_bicubic.png"
-    _save_preview(img, size, preview)
-    return ImageResult(name, out, preview, None, (img.width, img.height), (size[1], size[0]),
-                       time.perf_counter() - t0)
+    return _finish(name, path, img, res.image[0], out_dir, t0)
+
+
+def _dmsr_one(name: str, path: Path, p: DMSRParams, out_dir: Path, models: Models, tracker: Tracker,
+              weights: dict) -> ImageResult:
+    from blindsr.methods.dmsr.pipeline import load_pipeline
+
+    t0 = time.perf_counter()
+    img = _load(path)
+    pipe = models.get(("dmsr", p.encoder, p.sd_turbo),
+                      lambda: load_pipeline(p.encoder, models.device, sd_turbo=p.sd_turbo))
+    res = pipe(img.rgb[None], steps=p.steps, t_hat=p.t_hat, color_fix=p.color_fix, tile=p.tile,
+               progress=tracker.report)
+    return _finish(name, path, img, res.sr[0], out_dir, t0, note=f"t̂ {res.t_hat[0].item():.1f}")
 
 
 def _archive(results: list[ImageResult], out_dir: Path) -> Path:
