@@ -118,7 +118,7 @@ def page(browser, server):
 
 def _upload(page, *files: Path) -> None:
     page.locator("#uploads input[type=file]").set_input_files([str(f) for f in files])
-    page.wait_for_selector(f"#uploads :text('{files[-1].name}')")
+    page.wait_for_selector(f"#uploads :text('{files[-1].name}')", timeout=90_000)
 
 
 def _run_blinddiff(page, steps: int = 1) -> str:

@@ -227,7 +227,8 @@ def _write(f: Path, img, res, i: int, target: Path, scale: int, dt: float, args,
     more = f" (+{', '.join(extra)})" if extra else ""
     from blindsr.device import GIB, peak_memory
 
-    t_hat = f", t̂ {res.t_hat[i].item():.1f}" if res.t_hat is not None else ""
+    t_hat = getattr(res, "t_hat", None)  # DM-SR
+    t_hat = f", t̂ {t_hat[i].item():.1f}" if t_hat is not None else ""
     return (f"{f.name}: {w}x{h} -> {w * scale}x{h * scale} in {dt:.1f}s{t_hat} (peak memory so far "
             f"{peak_memory(device) / GIB:.2f} GiB) -> {target}{more}")
 

@@ -387,7 +387,7 @@ def _finish(name: str, path: Path, img, sr: Tensor, out_dir: Path, t0: float, ke
 
 def _blinddiff_one(name: str, path: Path, p: BlindDiffParams, out_dir: Path, models: Models, tracker: Tracker,
                    weights: dict) -> ImageResult:
-    from blindsr.device import make_generator, sampling_budget
+    from blindsr.device import make_generator, memory_budget
     from blindsr.methods.blinddiff.pipeline import load_pipeline
     from blindsr.weights import DEFAULT_MODEL, embedded_path
 
@@ -395,7 +395,8 @@ def _blinddiff_one(name: str, path: Path, p: BlindDiffParams, out_dir: Path, mod
     img = _load(path)
     model = p.model or DEFAULT_MODEL
     pipe = models.get(("blinddiff", model), lambda: load_pipeline(embedded_path(model), device=models.device))
-    budget = sampling_budget(p.max_memory, models.device)
+    budget = memory_budget(p.max_memory, models.device)  # what sampling may use: in a long-running server the
+    #  process's own memory (Gradio, the loaded models, freed-but-kept pages) is not charged to the job
     res = pipe(img.rgb[None].to(models.device), generator=[make_generator(p.seed, "cpu")], steps=p.steps,
                lam=p.lam, sampler=p.sampler, tile=p.tile, max_memory=budget, progress=tracker.report)
     return _finish(name, path, img, res.sr[0], out_dir, t0, kernel=res.kernel[0])
