@@ -87,6 +87,8 @@ def build(server: Server):
             return ("**Nothing to do:** add one or more images (or a zip) first.", *empty[1:])
         cancel = _cancel_event(token)
         if cancel.is_set():
+            with _CANCEL_LOCK:
+                _CANCEL.pop(token, None)
             return ("Cancelled before it started.", *empty[1:])
         work = Path(tempfile.mkdtemp(prefix="job-", dir=server.session_dir(request.session_hash)))
         inputs, notes = jobs.gather_inputs(uploads, work / "inputs")
