@@ -263,3 +263,15 @@ def test_dmsr_job_and_what_it_needs(tmp_path, models, tiny_dmsr_checkpoint):
     res = jobs.run_job("dmsr", p, items, tmp_path / "out", models, jobs.Tracker(1, lambda f, s: None))
     assert res.errors == [] and res.images[0].size_out == (96, 80) and res.images[0].note.startswith("t̂ ")
     assert res.cli == f"blindsr sr a.png -o out/ --method dmsr --encoder {tiny_dmsr_checkpoint} --steps 2 --seed 0"
+
+
+def test_16_bit_inputs_come_back_16_bit_and_the_pixel_limit_holds(tmp_path, models, monkeypatch):
+    deep = tmp_path / "deep.png"
+    Image.fromarray((np.random.default_rng(1).integers(0, 65536, (12, 16))).astype(np.uint16)).save(deep)
+    items, _ = jobs.gather_inputs([deep], tmp_path / "in")
+    res, _ = _run(models, items, tmp_path / "out")
+    with Image.open(res.images[0].output) as im:
+        assert im.mode.startswith("I;16") and im.size == (64, 48)  # 16-bit gray in, 16-bit gray out
+    monkeypatch.setenv("BLINDSR_MAX_PIXELS", "100")  # the CLI's decompression-bomb limit governs the page too
+    res, _ = _run(models, items, tmp_path / "out2")
+    assert res.images == [] and res.errors[0].startswith("deep.png:") and "limit" in res.errors[0]

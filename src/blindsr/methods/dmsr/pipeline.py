@@ -158,7 +158,7 @@ def load_pipeline(ckpt: str | Path | None = None, device: str | torch.device = "
 
     if ckpt is None:  # DM-SR-S is not trained yet (it needs the pixel prior first)
         raise WeightsError("no embedded DM-SR-S model in this version of blindsr: pass a DM-SR checkpoint "
-                           "(--ckpt), trained with `blindsr train dmsr --config configs/dmsr_s.yaml`")
+                           "(--encoder FILE), trained with `blindsr train dmsr --config configs/dmsr_s.yaml`")
     meta, sd = read_checkpoint(ckpt)
     backend = meta.get("backend")
     if backend not in BACKENDS:
