@@ -2,7 +2,8 @@
 discriminator D train; the prior μψ (and SD-Turbo's VAE) stay frozen (Sec. 4.1).
 
 Run config sections: ``model`` -- ``backend`` (pixel | sd-turbo), ``prior`` (pixel: an embedded prior name or a
-prior .safetensors; sd-turbo: the local SD-Turbo folder / file), ``prompt``, ``scale``, and ``estimator`` /
+prior .safetensors; sd-turbo: the local SD-Turbo folder / file; E_θ then has its VAE encoder's architecture and
+starts as it), ``prompt``, ``vgg19_weights`` (optional: torchvision's ImageNet VGG19 for T's trunk), and ``estimator`` /
 ``encoder`` / ``discriminator`` (a ``preset`` plus config fields); ``diffusion``: :class:`DMSRProcess`;
 ``loss``: :class:`LossConfig`. Every iteration: sub-step ``g`` (Eqs. 3-9 + the estimator's loss; updates
 ``nets``), then ``d`` (the discriminator's loss; updates ``discriminator``). The LR of an iteration is drawn
@@ -39,9 +40,9 @@ from blindsr.train.config import RunConfig
 from blindsr.train.trainer import SubStep
 
 PRESETS = {"estimator": {"vgg19": EstimatorConfig.vgg19, "pixel_s": EstimatorConfig.pixel_s},
-           "encoder": {"sd": EncoderConfig.sd, "pixel_s": EncoderConfig.pixel_s},
+           "encoder": {"pixel_s": EncoderConfig.pixel_s},  # sd-turbo: from its VAE's config
            "discriminator": {"default": DiscriminatorConfig, "tiny": DiscriminatorConfig.tiny}}
-MODEL_KEYS = {"backend", "prior", "prompt", "scale", "estimator", "encoder", "discriminator"}
+MODEL_KEYS = {"backend", "prior", "prompt", "estimator", "encoder", "discriminator", "vgg19_weights"}
 
 
 class DMSRNets(nn.Module):
@@ -90,14 +91,24 @@ def dmsr_recipe(cfg: RunConfig) -> Recipe:
     loss_cfg = from_dict(LossConfig, cfg.loss, "loss")
     prior = frozen_prior(model, process)
     est_cfg = _config("estimator", model.get("estimator"), "pixel_s" if pixel else "vgg19")
-    enc_cfg = _config("encoder", model.get("encoder"), "pixel_s" if pixel else "sd")
+    if pixel:
+        enc_cfg = _config("encoder", model.get("encoder"), "pixel_s")
+    else:  # the architecture of SD-Turbo's own VAE encoder (t̂ settings may change)
+        extra = {k: v for k, v in (model.get("encoder") or {}).items() if k != "preset"}
+        enc_cfg = EncoderConfig.from_vae_config(dict(prior.vae.config), **extra)
     latent = 3 if pixel else prior.unet.config.in_channels
     disc_cfg = _config("discriminator", {"in_channels": latent, **(model.get("discriminator") or {})},
                        "default")
     nets = DMSRNets(TimestepEstimator(est_cfg), TimeAwareEncoder(enc_cfg))
+    if not pixel:  # E_θ starts as SD-Turbo's own VAE encoder (Sec. 3.2); its t̂ projections start at zero
+        nets.encoder.load_sd_vae_encoder(prior.vae.state_dict())
+    if model.get("vgg19_weights"):  # T's trunk from torchvision's ImageNet VGG19 (a local .pth / .safetensors)
+        from blindsr.io.weights import load_state_dict
+
+        nets.estimator.load_vgg19_features(load_state_dict(model["vgg19_weights"]))
     disc = LRDiscriminator(disc_cfg)
     degrade = degrade_fn(cfg)
-    scale, d = cfg.data.scale, cfg.data
+    scale, d = cfg.data.scale, cfg.data  # the LR -> HR factor of the degradation (data.scale)
     multiple = prior.multiple * prior.factor
     if d.crop % multiple:
         raise BlindSRError(f"config: data.crop {d.crop} must be a multiple of {multiple} (the prior's levels)")
