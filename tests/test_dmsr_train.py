@@ -91,3 +91,23 @@ def test_dmsr_sd_turbo_backend_trains_resumes_and_infers_tiled(tmp_path, make_hr
     lr = torch.rand(1, 3, 12, 10, generator=torch.Generator().manual_seed(1))
     whole, tiled = pipe(lr, tile=None).sr, pipe(lr, tile=16, tile_overlap=8).sr
     assert whole.shape == tiled.shape == (1, 3, 48, 40) and torch.isfinite(tiled).all()
+
+
+def test_dmsr_no_prior_baseline_never_calls_the_prior(tmp_path, make_hr_folder, prior_file, monkeypatch):
+    from blindsr.methods.dmsr import core
+    from blindsr.methods.dmsr.pipeline import load_pipeline
+
+    calls = []
+    real = core.FrozenPrior.eps
+    monkeypatch.setattr(core.FrozenPrior, "eps", lambda self, x, t: calls.append(1) or real(self, x, t))
+    hr = make_hr_folder(4, 48, 56)
+    out = tmp_path / "l1"
+    assert train(out, hr, prior_file, "--set", "model.use_prior=false", "--set", "loss.w_dm=0",
+                 "--set", "loss.w_eps=0", "--set", "loss.w_adv=0", "--set", "loss.w_per=0") == 0
+    pipe = load_pipeline(out / "final.safetensors")
+    assert pipe.use_prior is False
+    lr = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    x = pipe.encoder(torch.nn.functional.interpolate(lr, scale_factor=4, mode="bicubic"), torch.zeros(1))
+    assert pipe(lr).sr.shape == (1, 3, 32, 32) and x.shape == (1, 3, 32, 32)
+    assert calls == []  # neither training nor inference called μψ
+    assert train(tmp_path / "bad", hr, prior_file, "--set", "model.use_prior=false") == 2  # L_dm, L_eps on

@@ -102,16 +102,24 @@ def dm_gradient(prior: FrozenPrior, z_sr: Tensor, x_hr: Tensor, cfg: LossConfig,
 
 def generator_losses(prior: FrozenPrior, encoder, estimator, discriminator, lr: Tensor, lr_up: Tensor,
                      hr: Tensor, cfg: LossConfig, generator: torch.Generator, step: int,
-                     lpips=None) -> dict[str, Tensor]:
+                     lpips=None, use_prior: bool = True) -> dict[str, Tensor]:
     """Every generator-side term (module docstring) and their weighted sum ``loss``; also ``z_sr`` and
-    ``x_hr`` (detached) for the discriminator step."""
+    ``x_hr`` (detached) for the discriminator step. ``use_prior=False``: the "no prior" baseline, Z_SR = X_SR
+    (no call of μψ; L_eps and L_dm must be off)."""
     t_hat, _ = estimator(lr)
     t_gt = timestep_target(lr_up, hr, cfg, prior.process.t_max, lpips)
     t_in = t_hat if cfg.t_hat_grad else t_hat.detach()
     with torch.no_grad():
         x_hr = prior.to_space(hr)
     x_sr = encoder(lr_up, t_in)  # X_SR^t̂, meant to match the noisy HR at t̂ (Eq. 1)
-    eps_sr, z_sr = decompose(prior, x_sr, t_in)  # Eq. 2 (the gradient goes back through the frozen μψ)
+    if use_prior:
+        eps_sr, z_sr = decompose(prior, x_sr, t_in)  # Eq. 2 (the gradient goes back through the frozen μψ)
+    else:
+        if cfg.w_dm > 0 or cfg.w_eps > 0:
+            from blindsr.errors import BlindSRError
+
+            raise BlindSRError("dmsr: without the prior (model.use_prior false) set loss.w_dm and loss.w_eps to 0")
+        eps_sr, z_sr = None, x_sr
     terms: dict[str, Tensor] = {"t_hat": t_hat.detach().mean(), "t_rmse": (t_hat - t_gt).pow(2).mean().sqrt()}
     terms["l_t"] = (t_hat - t_gt).abs().mean() / prior.process.t_max  # L1 in units of t_max
     terms["l1"] = (z_sr - x_hr).abs().mean()

@@ -34,9 +34,10 @@ class DMSRPipeline:
     """``pipe(lr, t_hat=..., steps=...) -> SRResult`` (``sr``, and ``t_hat`` (B,) per image)."""
 
     def __init__(self, estimator: TimestepEstimator, encoder: TimeAwareEncoder, prior: FrozenPrior,
-                 config: InferenceConfig | None = None, scale: int = 4):
+                 config: InferenceConfig | None = None, scale: int = 4, use_prior: bool = True):
         self.estimator, self.encoder, self.prior = estimator, encoder, prior
         self.config, self.scale = config or InferenceConfig(), scale
+        self.use_prior = use_prior  # False: the "no prior" baseline (the encoder's output is Z_SR itself)
 
     @property
     def device(self) -> torch.device:
@@ -50,7 +51,7 @@ class DMSRPipeline:
     def restore(self, x_up: Tensor, t_hat: Tensor, cfg: InferenceConfig) -> Tensor:
         """The whole chain on (a tile of) the upsampled image: E_θ, Eq. 2 / Table 4, decode."""
         x = self.encoder(x_up, t_hat)
-        z, _ = restore_latent(self.prior, x, t_hat, cfg.steps, cfg.reuse_eps)
+        z = restore_latent(self.prior, x, t_hat, cfg.steps, cfg.reuse_eps)[0] if self.use_prior else x
         return self.prior.to_image(z).float()
 
     @torch.no_grad()
@@ -100,7 +101,7 @@ def save_pipeline(pipe: DMSRPipeline, path: str | Path, backend: str, prior: str
     meta = {"method": "dmsr", "config": json.dumps({
         "backend": backend, "scale": pipe.scale, "prior": prior, "estimator": to_dict(pipe.estimator.config),
         "encoder": to_dict(pipe.encoder.config), "process": to_dict(pipe.prior.process),
-        "inference": to_dict(pipe.config), **(extra or {})})}
+        "inference": to_dict(pipe.config), "use_prior": pipe.use_prior, **(extra or {})})}
     sd = {f"estimator.{k}": v for k, v in pipe.estimator.state_dict().items()}
     sd.update({f"encoder.{k}": v for k, v in pipe.encoder.state_dict().items()})
     return save_safetensors(sd, path, metadata=meta)
@@ -183,4 +184,4 @@ def load_pipeline(ckpt: str | Path | None = None, device: str | torch.device = "
             prior = sd_turbo_prior(sd_turbo, config.prompt, device, process)
     for m in (estimator, encoder):
         m.requires_grad_(False).eval().to(device)
-    return DMSRPipeline(estimator, encoder, prior, config, int(meta.get("scale", 4)))
+    return DMSRPipeline(estimator, encoder, prior, config, int(meta.get("scale", 4)), bool(meta.get("use_prior", True)))

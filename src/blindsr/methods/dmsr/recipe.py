@@ -3,7 +3,8 @@ discriminator D train; the prior μψ (and SD-Turbo's VAE) stay frozen (Sec. 4.1
 
 Run config sections: ``model`` -- ``backend`` (pixel | sd-turbo), ``prior`` (pixel: an embedded prior name or a
 prior .safetensors; sd-turbo: the local SD-Turbo folder / file; E_θ then has its VAE encoder's architecture and
-starts as it), ``prompt``, ``vgg19_weights`` (optional: torchvision's ImageNet VGG19 for T's trunk), and ``estimator`` /
+starts as it), ``prompt``, ``vgg19_weights`` (optional: torchvision's ImageNet VGG19 for T's trunk), ``use_prior`` (false:
+the "no prior" L1 baseline, Z_SR = X_SR), and ``estimator`` /
 ``encoder`` / ``discriminator`` (a ``preset`` plus config fields); ``diffusion``: :class:`DMSRProcess`;
 ``loss``: :class:`LossConfig`. Every iteration: sub-step ``g`` (Eqs. 3-9 + the estimator's loss; updates
 ``nets``), then ``d`` (the discriminator's loss; updates ``discriminator``). The LR of an iteration is drawn
@@ -42,7 +43,7 @@ from blindsr.train.trainer import SubStep
 PRESETS = {"estimator": {"vgg19": EstimatorConfig.vgg19, "pixel_s": EstimatorConfig.pixel_s},
            "encoder": {"pixel_s": EncoderConfig.pixel_s},  # sd-turbo: from its VAE's config
            "discriminator": {"default": DiscriminatorConfig, "tiny": DiscriminatorConfig.tiny}}
-MODEL_KEYS = {"backend", "prior", "prompt", "estimator", "encoder", "discriminator", "vgg19_weights"}
+MODEL_KEYS = {"backend", "prior", "prompt", "estimator", "encoder", "discriminator", "vgg19_weights", "use_prior"}
 
 
 class DMSRNets(nn.Module):
@@ -87,8 +88,11 @@ def dmsr_recipe(cfg: RunConfig) -> Recipe:
     if backend not in ("pixel", "sd-turbo"):
         raise BlindSRError(f"config: model.backend {backend!r}: choose pixel or sd-turbo")
     pixel = backend == "pixel"
+    use_prior = bool(model.get("use_prior", True))  # false: the L1 "no prior" baseline of issue 11's table
     process = from_dict(DMSRProcess, cfg.diffusion, "diffusion")
     loss_cfg = from_dict(LossConfig, cfg.loss, "loss")
+    if not use_prior and (loss_cfg.w_dm > 0 or loss_cfg.w_eps > 0):
+        raise BlindSRError("config: without the prior (model.use_prior false) set loss.w_dm and loss.w_eps to 0")
     prior = frozen_prior(model, process)
     est_cfg = _config("estimator", model.get("estimator"), "pixel_s" if pixel else "vgg19")
     if pixel:
@@ -134,7 +138,7 @@ def dmsr_recipe(cfg: RunConfig) -> Recipe:
         lr, up, hr = pairs(hr, step)
         n = models["nets"]
         terms = generator_losses(prior, n.encoder, n.estimator, models["discriminator"], lr, up, hr, loss_cfg,
-                                 generator, step)
+                                 generator, step, use_prior=use_prior)
         return {k: v for k, v in terms.items() if k not in ("z_sr", "x_hr")}
 
     def d_step(models: dict[str, nn.Module], hr: torch.Tensor, generator: torch.Generator,
@@ -143,7 +147,8 @@ def dmsr_recipe(cfg: RunConfig) -> Recipe:
         n = models["nets"]
         with torch.no_grad():  # the generator side as it is after this iteration's g step
             t_hat = n.estimator(lr)[0]
-            z_sr = decompose(prior, n.encoder(up, t_hat), t_hat)[1]
+            x_sr = n.encoder(up, t_hat)
+            z_sr = decompose(prior, x_sr, t_hat)[1] if use_prior else x_sr
             x_hr = prior.to_space(hr)
         loss = d_loss(models["discriminator"](x_hr, lr), models["discriminator"](z_sr, lr), loss_cfg.adv_loss)
         return {"loss": loss}
@@ -155,12 +160,12 @@ def dmsr_recipe(cfg: RunConfig) -> Recipe:
     def sample(nets_ema: nn.Module, lr: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         from blindsr.methods.dmsr.pipeline import DMSRPipeline
 
-        return DMSRPipeline(nets_ema.estimator, nets_ema.encoder, prior, InferenceConfig(), scale)(lr).sr
+        return DMSRPipeline(nets_ema.estimator, nets_ema.encoder, prior, InferenceConfig(), scale, use_prior)(lr).sr
 
     validate = sr_validation(sample, val_files, degrade, cfg) if val_files and cfg.train.val_every else None
     resolved = {"backend": backend, "prior": model.get("prior"), "scale": scale, "estimator": to_dict(est_cfg),
                 "encoder": to_dict(enc_cfg), "discriminator": to_dict(disc_cfg), "process": to_dict(process),
-                "inference": to_dict(InferenceConfig())}
+                "inference": to_dict(InferenceConfig()), "use_prior": use_prior}
     cfg = dataclasses.replace(cfg, model={**model, "estimator": to_dict(est_cfg), "encoder": to_dict(enc_cfg),
                                           "discriminator": to_dict(disc_cfg)},
                               diffusion=to_dict(process), loss=to_dict(loss_cfg))
