@@ -123,14 +123,24 @@ def _upload(page, *files: Path) -> None:
 
 def _run_blinddiff(page, steps: int = 1) -> str:
     page.locator("#steps input").fill(str(steps))
-    page.click("#run-blinddiff")
-    return _wait_job(page)
+    return _submit(page, "#run-blinddiff")
 
 
-def _wait_job(page) -> str:
-    """The status once the job that was just submitted has ended (the click clears the last job's)."""
-    page.wait_for_selector("#status :text('Queued')", timeout=30_000)
-    page.wait_for_selector("#status :text-matches('Done|No output|Cancelled')", timeout=JOB_TIMEOUT_MS)
+def _submit(page, button: str) -> str:
+    """Click ``button`` and return the status once that job has ended."""
+    before = page.inner_text("#status")
+    page.click(button)
+    return _wait_job(page, before)
+
+
+def _wait_job(page, before: str) -> str:
+    """The status once the job submitted after the status read ``before`` has ended (a click first sets
+    "Queued…", the job's end replaces it)."""
+    page.wait_for_function(
+        """([sel, before]) => {
+            const t = document.querySelector(sel)?.innerText || "";
+            return t !== before && !t.includes("Queued") && /Done|No output|Cancelled/.test(t);
+        }""", arg=["#status", before], timeout=JOB_TIMEOUT_MS)
     return page.inner_text("#status")
 
 
@@ -196,10 +206,11 @@ def test_two_jobs_back_to_back_both_finish_one_after_the_other(browser, server, 
     for pg in (page, second):
         _upload(pg, ZEBRA)
         pg.locator("#steps input").fill("3")
+    before = {id(pg): pg.inner_text("#status") for pg in (page, second)}
     page.click("#run-blinddiff")
     second.click("#run-blinddiff")
     for pg in (page, second):
-        assert "Done: 1 image(s)" in _wait_job(pg)
+        assert "Done: 1 image(s)" in _wait_job(pg, before[id(pg)])
     second.context.close()
     events = [(m[1], m[2]) for line in server["log"] if (m := re.search(r"job (\w+) (started|finished)", line))]
     last = events[-4:]  # the server runs one job at a time: the second starts after the first finished
@@ -229,8 +240,7 @@ def test_diffbir_stage1_runs_with_the_cleaner_the_server_was_given(page):
     page.get_by_role("tab", name="DiffBIR").click()
     page.wait_for_selector(":text('Weights found: ready.')")
     _upload(page, ZEBRA)
-    page.click("#run-diffbir")
-    status = _wait_job(page)
+    status = _submit(page, "#run-diffbir")
     assert "Done: 1 image(s)" in status and "blindsr restore zebra_g8sigma2.6_x4.png" in status, status
     assert "--stage1-only" in status
     assert _natural_size(page, "#slider img") == (192, 192)
@@ -240,7 +250,6 @@ def test_diffbir_stage1_runs_with_the_cleaner_the_server_was_given(page):
 def test_dmsr_runs_with_the_checkpoint_the_server_was_given(page):
     page.get_by_role("tab", name="DM-SR").click()
     _upload(page, ZEBRA)
-    page.click("#run-dmsr")
-    status = _wait_job(page)
+    status = _submit(page, "#run-dmsr")
     assert "Done: 1 image(s)" in status and "--method dmsr --encoder" in status and "t̂ " in status, status
     assert _natural_size(page, "#slider img") == (192, 192)
