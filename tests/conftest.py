@@ -65,25 +65,17 @@ def make_hr_folder(tmp_path):
     return make
 
 
-def tiny_prior_config():
-    """A two-level pixel prior (seconds to build and run)."""
-    from blindsr.methods.prior.config import PriorUNetConfig
-
-    return PriorUNetConfig(block_out_channels=[8, 16], layers_per_block=1, down_block_types=[
-        "DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
-        attention_head_dim=[1, 2], cross_attention_dim=8, norm_num_groups=4)
-
-
 @pytest.fixture(scope="session")
 def tiny_dmsr_checkpoint(tmp_path_factory) -> Path:
     """A DM-SR checkpoint (pixel backend, random tiny E_θ / T) on a tiny random prior file beside it."""
     from blindsr.methods.dmsr import pipeline as dp
     from blindsr.methods.dmsr.nets import EncoderConfig, EstimatorConfig, TimeAwareEncoder, TimestepEstimator
+    from blindsr.methods.prior.config import PriorUNetConfig
     from blindsr.methods.prior.model import Prior, build_unet, save_prior
 
     tmp_path = tmp_path_factory.mktemp("dmsr")
     torch.manual_seed(0)
-    cfg = tiny_prior_config()
+    cfg = PriorUNetConfig.tiny()
     prior = save_prior(Prior(build_unet(cfg), cfg), tmp_path / "tiny_prior.safetensors")
     enc = TimeAwareEncoder(EncoderConfig(**{**EncoderConfig.pixel_s().__dict__, "block_out_channels": (8, 8, 8, 8),
                                             "norm_num_groups": 4, "t_embed_dim": 16}))

@@ -66,9 +66,7 @@ def tiny_pixel_prior() -> core.FrozenPrior:
     from blindsr.methods.prior.config import PriorUNetConfig
     from blindsr.methods.prior.model import build_unet, null_context
 
-    cfg = PriorUNetConfig(block_out_channels=[8, 16], layers_per_block=1, down_block_types=[
-        "DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
-        attention_head_dim=[1, 2], cross_attention_dim=8, norm_num_groups=4)
+    cfg = PriorUNetConfig.tiny()
     torch.manual_seed(0)
     unet = build_unet(cfg)
     return core.FrozenPrior(unet, null_context(unet, 1), DMSRProcess(), multiple=cfg.multiple)
@@ -209,10 +207,11 @@ def test_tiled_equals_untiled_on_a_translation_equivariant_stand_in():
 
 
 def test_pixel_pipeline_checkpoint_round_trip_and_t_hat(tmp_path):
+    from blindsr.methods.prior.config import PriorUNetConfig
     from blindsr.methods.prior.model import Prior, save_prior
 
     prior = tiny_pixel_prior()
-    ppath = save_prior(Prior(prior.unet, _prior_cfg(prior)), tmp_path / "prior.safetensors")
+    ppath = save_prior(Prior(prior.unet, PriorUNetConfig.tiny()), tmp_path / "prior.safetensors")
     est, enc, _ = tiny_nets()
     pipe = pipeline.DMSRPipeline(est.eval(), enc.eval(), pipeline.pixel_prior(str(ppath)), InferenceConfig())
     lr = torch.rand(2, 3, 6, 10, generator=gen(8))
@@ -224,16 +223,6 @@ def test_pixel_pipeline_checkpoint_round_trip_and_t_hat(tmp_path):
     assert torch.equal(back(lr).sr, res.sr)
     forced = back(lr, t_hat=123.0)
     assert torch.equal(forced.t_hat, torch.full((2,), 123.0)) and not torch.equal(forced.sr, res.sr)
-
-
-def _prior_cfg(prior):
-    from blindsr.methods.prior.config import PriorUNetConfig
-
-    c = prior.unet.config
-    return PriorUNetConfig(block_out_channels=list(c.block_out_channels), layers_per_block=c.layers_per_block,
-                           down_block_types=list(c.down_block_types), up_block_types=list(c.up_block_types),
-                           attention_head_dim=list(c.attention_head_dim), cross_attention_dim=c.cross_attention_dim,
-                           norm_num_groups=c.norm_num_groups)
 
 
 def tiny_sd_prior() -> core.FrozenPrior:

@@ -21,9 +21,7 @@ def prior_file(tmp_path) -> Path:
     from blindsr.methods.prior.config import PriorUNetConfig
     from blindsr.methods.prior.model import Prior, build_unet, save_prior
 
-    cfg = PriorUNetConfig(block_out_channels=[8, 16], layers_per_block=1, down_block_types=[
-        "DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
-        attention_head_dim=[1, 2], cross_attention_dim=8, norm_num_groups=4)
+    cfg = PriorUNetConfig.tiny()
     torch.manual_seed(0)
     return save_prior(Prior(build_unet(cfg), cfg), tmp_path / "prior.safetensors")
 
