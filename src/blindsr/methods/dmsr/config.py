@@ -78,6 +78,9 @@ class InferenceConfig:
 
         if self.steps < 1:
             raise BlindSRError("dmsr: --steps must be at least 1")
+        if self.t_hat is not None and not 0 <= self.t_hat <= 999:
+            raise BlindSRError(f"dmsr: --t-hat {self.t_hat:g} must be a timestep in [0, 999] (the paper's t̂: "
+                               "[0, 500))")
         if self.color_fix not in DIFFBIR_COLOR_FIXES:
             raise BlindSRError(f"dmsr: colour fix {self.color_fix!r}: choose {', '.join(DIFFBIR_COLOR_FIXES)}")
         if self.tile is not None and not 0 <= self.tile_overlap < self.tile or self.tile_margin < 0:
