@@ -46,7 +46,9 @@ def test_architecture_and_parameter_counts(prior):
         assert unet_prediction(u, x, torch.tensor([10, 900])).shape == (2, 3, 16, 24)
     with torch.device("meta"):
         small = Prior.new(PriorUNetConfig.small()).unet
+        control = icn.IRControlNet(icn.IRControlNetConfig.from_unet_config(small.config, hint_channels=3))
     assert sum(p.numel() for p in small.parameters()) == 4_084_339  # Prior-S: 16.3 MB in fp32
+    assert control.config.num_controls() == 9 and control.conv_in.weight.shape == (16, 6, 3, 3)
 
 
 def test_null_context_is_fixed_zeros(prior):
@@ -152,3 +154,16 @@ def test_train_resume_is_exact_and_exports_a_prior(tmp_path, make_hr_folder):
     assert _train(tmp_path / "e", hr, "--set", "loss.x=1") == 2
     assert _train(tmp_path / "e2", hr, "--set", "data.crop=17") == 2
     assert _train(tmp_path / "e3", hr, "--set", "model.preset=huge") == 2
+
+
+def test_embedded_prior_s_loads():
+    from blindsr.weights import EMBEDDED, PRIORS, prior_path
+
+    assert "prior-s" in PRIORS and "prior-s" not in EMBEDDED  # not an SR model: not under `sr --model`
+    if not prior_path().is_file():
+        pytest.skip("Prior-S is not installed")
+    p = load_prior()
+    assert p.unet_config == PriorUNetConfig.small() and p.diffusion == PriorDiffusion()
+    assert prior_path().stat().st_size < 25e6
+    with pytest.raises(BlindSRError, match="unknown embedded prior"):
+        prior_path("prior-xl")

@@ -98,7 +98,8 @@ class PriorDiffusion:
     schedule: str = "scaled_linear"  # SD's betas: linspace(sqrt 0.00085, sqrt 0.012)^2
     prediction: str = "eps"  # what the UNet predicts (SD 2.1-base / SD-Turbo: eps)
     sample_steps: int = 50  # DDIM steps of `sample_prior`
-    eta: float = 0.0  # DDIM eta (0: deterministic given x_T)
+    eta: float = 0.0  # DDIM eta: 0 = deterministic given x_T; 1 = the DDPM posterior's noise (on Prior-S's early
+    #                   checkpoints eta 0 kept grain that eta 1 did not; the final one is sharper with 0)
     spacing: str = "linspace"  # sampler timesteps: linspace (both ends, starts at t = 999) | leading (SD's)
 
     def __post_init__(self) -> None:
