@@ -55,7 +55,7 @@ def page_job(browser, url: str, image: Path, steps: int) -> tuple[float, float, 
     page.wait_for_selector("#run-blinddiff")
     load = time.perf_counter() - t0
     page.locator("#uploads input[type=file]").set_input_files(str(image))
-    page.wait_for_selector(f"#uploads :text('{image.name}')")
+    page.wait_for_selector(f"#uploads td.filename[aria-label='{image.name}']")
     page.locator("#steps input").fill(str(steps))
     t0 = time.perf_counter()
     page.click("#run-blinddiff")

@@ -118,7 +118,8 @@ def page(browser, server):
 
 def _upload(page, *files: Path) -> None:
     page.locator("#uploads input[type=file]").set_input_files([str(f) for f in files])
-    page.wait_for_selector(f"#uploads :text('{files[-1].name}')", timeout=90_000)
+    # the uploaded file's row (its name is split into stem and suffix spans; only the cell's label holds it whole)
+    page.wait_for_selector(f"#uploads td.filename[aria-label='{files[-1].name}']", timeout=90_000)
 
 
 def _run_blinddiff(page, steps: int = 1) -> str:
