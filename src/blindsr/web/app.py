@@ -65,6 +65,11 @@ def _number(v: Any, kind=int) -> Any:
     return None if v in (None, "", 0) else kind(v)
 
 
+def _message(text: str) -> tuple:
+    """The page's outputs for a job that produced nothing: ``text`` in the status, every result view cleared."""
+    return (text, gr.update(choices=[], value=None), None, None, None, None, None)
+
+
 def _choice(v: str | None) -> str | None:
     return None if v in (None, "", DEFAULT) else v
 
@@ -82,14 +87,13 @@ def build(server: Server):
 
     def run(method: str, request, token, files, pasted, params, progress=None):
         uploads = list(files or []) + ([pasted] if pasted else [])
-        empty = ("", gr.update(choices=[], value=None), None, None, None, None, None)
         if not uploads:
-            return ("**Nothing to do:** add one or more images (or a zip) first.", *empty[1:])
+            return _message("**Nothing to do:** add one or more images (or a zip) first.")
         cancel = _cancel_event(token)
         if cancel.is_set():
             with _CANCEL_LOCK:
                 _CANCEL.pop(token, None)
-            return ("Cancelled before it started.", *empty[1:])
+            return _message("Cancelled before it started.")
         work = Path(tempfile.mkdtemp(prefix="job-", dir=server.session_dir(request.session_hash)))
         inputs, notes = jobs.gather_inputs(uploads, work / "inputs")
 
@@ -105,8 +109,8 @@ def build(server: Server):
             import traceback
 
             _log(f"job {token[:8]} failed:\n{traceback.format_exc()}")
-            return (f"**Internal error:** {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                    "(the server's log has the details)", *empty[1:])
+            return _message(f"**Internal error:** {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                            "(the server's log has the details)")
         finally:
             with _CANCEL_LOCK:
                 _CANCEL.pop(token, None)
@@ -169,14 +173,14 @@ def build(server: Server):
         p = diffbir_params(stage1, version, task, kind, gscale, sampler, steps, cfg, tile, ctile, cfix, seed)
         missing = jobs.diffbir_missing(p, server.weights)
         if missing:
-            return (f"**DiffBIR needs weights:** {missing}", gr.update(), None, None, None, None, None)
+            return _message(f"**DiffBIR needs weights:** {missing}")
         return run("diffbir", request, token, files, pasted, p, progress)
 
     def run_dmsr(token, files, pasted, steps, t_hat, cfix, tile, seed, request: gr.Request,
                  progress=gr.Progress()):
         missing = jobs.dmsr_missing(**server.dmsr)
         if missing:
-            return (f"**DM-SR needs weights:** {missing}", gr.update(), None, None, None, None, None)
+            return _message(f"**DM-SR needs weights:** {missing}")
         p = jobs.DMSRParams(steps=int(steps or 1), t_hat=_number(t_hat, float), color_fix=_choice(cfix),
                             tile=_number(tile), seed=int(seed or 0), **server.dmsr)
         return run("dmsr", request, token, files, pasted, p, progress)
