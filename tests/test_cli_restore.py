@@ -57,7 +57,7 @@ def test_stage1_only_with_a_tiny_rrdbnet(tmp_path, cleaner_file, capsys):
 
 def test_missing_weights_are_one_line_errors(tmp_path, capsys):
     inp = write_inputs(tmp_path / "in")
-    rc = main(["restore", str(inp), "-o", str(tmp_path / "out"), "--stage1-only"])
+    rc = main(["restore", str(inp), "-o", str(tmp_path / "out"), "--stage1-only", "--version", "v2"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1
     assert "--cleaner" in err and "BLINDSR_BSRNET" in err
@@ -71,10 +71,13 @@ def test_weights_from_config_file_and_environment(tmp_path, cleaner_file, monkey
     config = tmp_path / "weights.json"
     config.write_text(json.dumps({"bsrnet": str(cleaner_file)}))
     monkeypatch.setenv("BLINDSR_CONFIG", str(config))
-    assert main(["restore", str(inp), "-o", str(tmp_path / "a"), "--stage1-only", "--quiet", "--device", "cpu"]) == 0
+    v2 = ["--backend", "sd", "--version", "v2"]  # v2's sr cleaner is BSRNet ("bsrnet" / BLINDSR_BSRNET)
+    assert main(["restore", str(inp), "-o", str(tmp_path / "a"), "--stage1-only", "--quiet", "--device", "cpu",
+                 *v2]) == 0
     monkeypatch.setenv("BLINDSR_CONFIG", str(tmp_path / "none.json"))
     monkeypatch.setenv("BLINDSR_BSRNET", str(cleaner_file))
-    assert main(["restore", str(inp), "-o", str(tmp_path / "b"), "--stage1-only", "--quiet", "--device", "cpu"]) == 0
+    assert main(["restore", str(inp), "-o", str(tmp_path / "b"), "--stage1-only", "--quiet", "--device", "cpu",
+                 *v2]) == 0
     a, b = (np.asarray(Image.open(tmp_path / d / "img0.png")) for d in "ab")
     assert np.array_equal(a, b)
 

@@ -1,10 +1,14 @@
-"""``blindsr restore``: two-stage blind restoration with DiffBIR (stage-1 cleaner + SD 2.1 IRControlNet).
+"""``blindsr restore``: two-stage blind restoration with DiffBIR (stage-1 cleaner + IRControlNet).
 
-    blindsr restore photo.png lq_folder/ -o out/ --task sr --version v2 --upscale 4
+    blindsr restore photo.png -o out/                  # offline: SwinIR-S + IRControlNet on Prior-S (embedded)
+    blindsr restore photo.png -o out/ --guidance-scale 1     # pulled toward the stage-1 image (fidelity)
+    blindsr restore photo.png lq_folder/ -o out/ --backend sd --version v2 --sd SD21 --controlnet v2.pth
     blindsr restore scan.png -o out/ --stage1-only --cleaner RealESRGAN_x4plus.safetensors --cleaner-kind bsrnet
 
-Weights are local files only. Each can be given by its flag, an environment variable (BLINDSR_SD21,
-BLINDSR_SD21_ZSNR, BLINDSR_DIFFBIR_V1_GENERAL, BLINDSR_DIFFBIR_V1_FACE, BLINDSR_DIFFBIR_V2, BLINDSR_DIFFBIR_V21,
+Backends: pixel (the default unless --sd or --version is given: every weight ships with the package, so it runs
+offline on a fresh install; BLINDSR_PRIOR, BLINDSR_SWINIR_S, BLINDSR_DIFFBIR_CONTROL_S override them) and sd (the
+paper's SD 2.1 with the official ControlNets). Weights are local files only. Each can be given by its flag, an
+environment variable (BLINDSR_SD21, BLINDSR_SD21_ZSNR, BLINDSR_DIFFBIR_V1_GENERAL, BLINDSR_DIFFBIR_V1_FACE, BLINDSR_DIFFBIR_V2, BLINDSR_DIFFBIR_V21,
 BLINDSR_BSRNET, BLINDSR_SCUNET_PSNR, BLINDSR_SWINIR_GENERAL, BLINDSR_SWINIR_FACE, BLINDSR_SWINIR_REALESRGAN) or a
 JSON file {"sd21": PATH, "diffbir_v2": PATH, "bsrnet": PATH, ...} at $BLINDSR_CONFIG or
 ~/.config/blindsr/weights.json. --sd also takes a local diffusers folder (unet/, vae/, text_encoder/).
@@ -25,6 +29,7 @@ DEFAULT_OUTPUT = "blindsr-restored"
 def register(subparsers, help_: str) -> None:
     from blindsr.cli.common import add_common
     from blindsr.registry import (
+        DIFFBIR_BACKENDS,
         DIFFBIR_COLOR_FIXES,
         DIFFBIR_GUIDANCE_LOSSES,
         DIFFBIR_GUIDANCE_SPACES,
@@ -41,14 +46,20 @@ def register(subparsers, help_: str) -> None:
     p.add_argument("-o", "--output", default=DEFAULT_OUTPUT, metavar="OUTDIR",
                    help=f"output folder (default: ./{DEFAULT_OUTPUT})")
     p.add_argument("--task", default="sr", choices=DIFFBIR_TASKS, help="task preset (default: sr)")
-    p.add_argument("--version", default="v2", choices=DIFFBIR_VERSIONS, help="DiffBIR version (default: v2)")
+    p.add_argument("--backend", choices=DIFFBIR_BACKENDS,
+                   help="pixel: the embedded models (offline); sd: SD 2.1 + official ControlNet (default: sd when "
+                        "--sd or --version is given, else pixel)")
+    p.add_argument("--version", choices=DIFFBIR_VERSIONS, help="DiffBIR version of --backend sd (default: v2)")
     p.add_argument("--upscale", type=float, help="output / input size (default: 4 for sr, 1 otherwise)")
     w = p.add_argument_group("weights (local paths; see the environment variables above)")
     w.add_argument("--sd", metavar="PATH", help="SD 2.1-base checkpoint (.ckpt/.safetensors) or diffusers folder")
-    w.add_argument("--controlnet", metavar="PATH", help="DiffBIR ControlNet (v1_general.pth, v2.pth, ...)")
+    w.add_argument("--controlnet", metavar="PATH",
+                   help="DiffBIR ControlNet (sd: v1_general.pth, v2.pth, ...; pixel: default the embedded one)")
+    w.add_argument("--prior", metavar="PATH", help="pixel backend: the diffusion prior (default: embedded Prior-S)")
     w.add_argument("--cleaner", metavar="PATH", help="stage-1 cleaner weights")
     w.add_argument("--cleaner-kind", choices=RESTORER_KINDS,
-                   help="cleaner architecture (default by task: sr bsrnet, denoise scunet, face swinir for v2)")
+                   help="cleaner architecture (pixel: swinir-s; sd v2 by task: sr bsrnet, denoise scunet, face "
+                        "swinir)")
     s = p.add_argument_group("sampling")
     s.add_argument("--sampler", choices=[*DIFFBIR_SAMPLERS, "spaced", "dpm++_m2"],
                    metavar="{" + ",".join(DIFFBIR_SAMPLERS) + "}",
@@ -62,7 +73,8 @@ def register(subparsers, help_: str) -> None:
     s.add_argument("--noise-aug", type=int, help="noise the condition latent at this timestep (v2.1)")
     s.add_argument("--start-point", choices=DIFFBIR_START_POINTS, help="x_T: pure noise or the noised condition")
     s.add_argument("--color-fix", choices=DIFFBIR_COLOR_FIXES, help="colour correction (default wavelet)")
-    s.add_argument("--min-size", type=int, help="short side of the stage-2 input in pixels (default 512, official)")
+    s.add_argument("--min-size", type=int,
+                   help="short side of the stage-2 input in pixels (sd: 512, official; pixel: 0 = none)")
     g = p.add_argument_group("restoration guidance (paper v2 §3.3)")
     g.add_argument("--guidance-scale", type=float, default=0.0, help="s (x3000 internally; README uses 0.5); 0 = off")
     g.add_argument("--guidance-space", choices=DIFFBIR_GUIDANCE_SPACES, default="rgb", help="default rgb (paper)")
@@ -71,7 +83,8 @@ def register(subparsers, help_: str) -> None:
     g.add_argument("--guidance-stop", type=int, default=-1)
     g.add_argument("--guidance-repeat", type=int, default=1, help="gradient steps per sampling step")
     t = p.add_argument_group("memory")
-    t.add_argument("--tile", type=int, metavar="PX", help="diffusion tile in pixels, multiple of 64 (default 1024)")
+    t.add_argument("--tile", type=int, metavar="PX",
+                   help="diffusion tile in pixels (sd: multiple of 64, default 1024; pixel: of 8, default 256)")
     t.add_argument("--tile-overlap", type=int, metavar="PX", help="diffusion tile overlap (default tile/2)")
     t.add_argument("--cleaner-tile", type=int, metavar="PX", help="cleaner tile in input pixels (default 512)")
     t.add_argument("--vae-tile", type=int, metavar="PX", help="VAE encoder/decoder tile in pixels (default 1024)")
@@ -88,16 +101,35 @@ def register(subparsers, help_: str) -> None:
     p.set_defaults(func=run)
 
 
+def preset_name(args: argparse.Namespace) -> str:
+    """The preset: ``pixel`` for the pixel backend, else --version (default v2). Without --backend: sd when --sd
+    or --version names it, else pixel. Wrong pairings are refused."""
+    from blindsr.errors import BlindSRError
+
+    backend = args.backend or ("sd" if args.sd is not None or args.version is not None else "pixel")
+    if backend == "pixel":
+        given = [f for f, v in (("--version", args.version), ("--sd", args.sd)) if v is not None]
+        if given:
+            raise BlindSRError(f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} for --backend sd")
+        return "pixel"
+    if args.prior is not None:
+        raise BlindSRError("--prior is for --backend pixel")
+    return args.version or "v2"
+
+
 def build_config(args: argparse.Namespace, device):
-    """The DiffBIR config from the preset of --version/--task and the flags that were given."""
+    """The DiffBIR config from the preset of --backend/--version/--task and the flags that were given."""
     from blindsr.device import resolve_dtype
     from blindsr.methods.diffbir import DiffBIRConfig, GuidanceConfig, Tiling
 
-    tiling = Tiling.from_options(args.tile, args.tile_overlap, args.cleaner_tile, args.vae_tile, args.no_tile)
+    version = preset_name(args)
+    base = DiffBIRConfig.from_preset(version, args.task).tiling
+    tiling = Tiling.from_options(args.tile, args.tile_overlap, args.cleaner_tile, args.vae_tile, args.no_tile,
+                                 base=base)
     guidance = GuidanceConfig(scale=args.guidance_scale, loss=args.guidance_loss, space=args.guidance_space,
                               start=args.guidance_start, stop=args.guidance_stop, repeat=args.guidance_repeat)
     return DiffBIRConfig.from_preset(
-        args.version, args.task, upscale=args.upscale, sampler=args.sampler, steps=args.steps, cfg=args.cfg,
+        version, args.task, upscale=args.upscale, sampler=args.sampler, steps=args.steps, cfg=args.cfg,
         rescale_cfg=args.rescale_cfg, pos_prompt=args.pos_prompt, neg_prompt=args.neg_prompt,
         strength=args.strength, noise_aug=args.noise_aug, start_point=args.start_point, color_fix=args.color_fix,
         min_size=args.min_size,
@@ -121,8 +153,8 @@ def run(args: argparse.Namespace) -> int:
     items = collect_inputs(args.inputs, args.recursive)
     if not items:
         raise BlindSRError("no images found in " + ", ".join(args.inputs))
-    paths = resolve_weights(args.version, args.task, sd=args.sd, controlnet=args.controlnet, cleaner=args.cleaner,
-                            cleaner_kind=args.cleaner_kind, stage1_only=args.stage1_only)
+    paths = resolve_weights(config.version, args.task, sd=args.sd, controlnet=args.controlnet, cleaner=args.cleaner,
+                            cleaner_kind=args.cleaner_kind, prior=args.prior, stage1_only=args.stage1_only)
     inputs = [f for f, _ in items]
     targets = {f: output_path_for(f, root, Path(args.output), ".png") for f, root in items}
     check_unique_outputs(targets)  # before any model is loaded

@@ -12,6 +12,11 @@ the decoder, which is the same sum).
 Official ControlNet state dicts (``v1_general.pth``, ``v1_face.pth``, ``v2.pth``, ``DiffBIR_v2.1.pt``; 324 keys,
 LDM layout: ``input_blocks.*``, ``zero_convs.*``, ``middle_block(_out)``) are converted by
 ``convert_official_controlnet``; ``controlnet_to_official`` writes that layout back (training export).
+
+The pixel backend (issue 14) builds the same module on the pixel prior's UNet (``hint_channels=3``: the condition
+is the stage-1 image itself, ``2 I - 1``) and stores it in our layout with its config in the safetensors metadata
+(``save_controlnet`` / ``load_controlnet``). ``condition_xt=False`` is the paper's Table 1 "Variant 2": the control
+branch sees the condition alone, not ``cat(z_t, c)``.
 """
 
 from __future__ import annotations
@@ -48,17 +53,20 @@ class IRControlNetConfig:
     freq_shift: int = 0
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
+    condition_xt: bool = True  # conv_in sees cat(z_t, c) (paper Eq. 4); False: c alone (Table 1, Variant 2)
 
     @classmethod
-    def from_unet_config(cls, cfg: Mapping[str, Any] | None = None, hint_channels: int = 4) -> IRControlNetConfig:
+    def from_unet_config(cls, cfg: Mapping[str, Any] | None = None, hint_channels: int = 4,
+                         condition_xt: bool = True) -> IRControlNetConfig:
         """The ControlNet matching a UNet config (default: the shipped SD 2.1 UNet)."""
         cfg = dict(cfg or load_config("unet"))
-        names = set(cls.__dataclass_fields__) - {"hint_channels"}
+        names = set(cls.__dataclass_fields__) - {"hint_channels", "condition_xt"}
         heads = cfg.get("num_attention_heads") or cfg["attention_head_dim"]  # diffusers: heads win if given
         if isinstance(heads, int):
             heads = [heads] * len(cfg["block_out_channels"])
         kw = {k: cfg[k] for k in names if k in cfg}
-        return cls(**{**kw, "attention_head_dim": list(heads), "hint_channels": hint_channels})
+        return cls(**{**kw, "attention_head_dim": list(heads), "hint_channels": hint_channels,
+                      "condition_xt": condition_xt})
 
     def num_controls(self) -> int:
         """1 (conv_in) + layers per level + downsamplers + 1 (middle block): 13 for SD 2.1."""
@@ -83,7 +91,7 @@ class IRControlNet(nn.Module):
 
         self.config = c = config or IRControlNetConfig()
         ch = c.block_out_channels
-        self.conv_in = nn.Conv2d(c.in_channels + c.hint_channels, ch[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(c.in_channels * c.condition_xt + c.hint_channels, ch[0], 3, padding=1)
         self.time_proj = Timesteps(ch[0], c.flip_sin_to_cos, c.freq_shift)
         self.time_embedding = TimestepEmbedding(ch[0], ch[0] * 4)
         temb = ch[0] * 4
@@ -108,15 +116,19 @@ class IRControlNet(nn.Module):
         self.controlnet_mid_block = _zero_conv(ch[-1])
 
     @classmethod
-    def from_unet(cls, unet: UNet2DConditionModel, hint_channels: int = 4) -> IRControlNet:
+    def from_unet(cls, unet: UNet2DConditionModel, hint_channels: int = 4, condition_xt: bool = True) -> IRControlNet:
         """Initialise from a UNet (official ``load_controlnet_from_unet``): shared tensors copied, the extra
-        ``hint_channels`` input channels of ``conv_in`` and all zero convs set to zero."""
-        net = cls(IRControlNetConfig.from_unet_config(unet.config, hint_channels)).to(unet.dtype)
+        ``hint_channels`` input channels of ``conv_in`` and all zero convs set to zero. Without ``z_t`` in the
+        input (Variant 2) the condition lives in the UNet's input space, so ``conv_in`` is the UNet's own."""
+        config = IRControlNetConfig.from_unet_config(unet.config, hint_channels, condition_xt)
+        net = cls(config).to(unet.dtype)
         src, own = unet.state_dict(), net.state_dict()
         with torch.no_grad():
             for key, value in own.items():
-                if key == "conv_in.weight":
+                if key == "conv_in.weight" and condition_xt:
                     value.zero_()[:, : src[key].shape[1]].copy_(src[key])
+                elif key == "conv_in.weight" and value.shape != src[key].shape:
+                    continue  # Variant 2 with a condition of another width: the default init
                 elif key in src and not key.startswith("controlnet_"):
                     value.copy_(src[key])
         return net.to(unet.device)
@@ -126,7 +138,8 @@ class IRControlNet(nn.Module):
         """The controls (``num_controls()`` tensors, last = middle block) for ``z_t`` at original timestep(s) ``t``."""
         t = torch.as_tensor(t, device=z_t.device).reshape(-1).expand(z_t.shape[0])
         temb = self.time_embedding(self.time_proj(t).to(z_t.dtype))
-        h = self.conv_in(torch.cat([z_t, c_img.to(z_t.dtype)], dim=1))
+        c_img = c_img.to(z_t.dtype)
+        h = self.conv_in(torch.cat([z_t, c_img], dim=1) if self.config.condition_xt else c_img)
         feats = [h]
         for block in self.down_blocks:
             if getattr(block, "has_cross_attention", False):
@@ -206,3 +219,32 @@ def load_official_controlnet(source: str | Path | Mapping[str, torch.Tensor], co
     with torch.device("meta"):
         net = IRControlNet(config)
     return load_converted(net, convert_official_controlnet(source, config), "IRControlNet", dtype).eval()
+
+
+def save_controlnet(net: IRControlNet, path: str | Path, metadata: Mapping[str, str] | None = None) -> Path:
+    """Our layout (fp32) with the config as ``config`` metadata: the pixel backend's file format."""
+    import json
+
+    from blindsr.io.weights import save_safetensors
+
+    sd = {k: v.detach().float() for k, v in net.state_dict().items()}
+    return save_safetensors(sd, path, metadata={**(metadata or {}), "config": json.dumps(asdict(net.config))})
+
+
+def load_controlnet(path: str | Path, dtype: torch.dtype = torch.float32) -> IRControlNet:
+    """An IRControlNet saved by :func:`save_controlnet` (or the pixel stage-2 training), loaded strictly."""
+    import json
+
+    from blindsr.config import from_dict
+    from blindsr.io.weights import check_finite, load_into, load_safetensors_metadata, load_state_dict
+
+    path = Path(path)
+    meta = load_safetensors_metadata(path) if path.suffix == ".safetensors" else {}
+    if "config" not in meta:
+        raise WeightsError(f"{path}: no IRControlNet config in its metadata (an official ControlNet needs --backend sd)")
+    config = from_dict(IRControlNetConfig, json.loads(meta["config"]), "IRControlNet")
+    sd = load_state_dict(path)
+    check_finite(sd, path)
+    net = IRControlNet(config)
+    load_into(net, sd, strict=True)
+    return net.to(dtype).eval().requires_grad_(False)

@@ -1,5 +1,6 @@
-"""Weights shipped inside the package: the embedded BlindDiff models and the pixel-space diffusion prior
-(:data:`PRIORS`, kept apart from the SR models of :data:`EMBEDDED`). Nothing is ever downloaded.
+"""Weights shipped inside the package: the embedded BlindDiff models (:data:`EMBEDDED`) and the parts of the
+offline pixel backends (:data:`PRIORS`: the pixel-space diffusion prior; :data:`PARTS`: DiffBIR's stage-1 cleaner
+and IRControlNet), kept apart from the SR models. Nothing is ever downloaded.
 
 Each ``<name>.safetensors`` holds EMA weights with the JSON config in its metadata; ``<name>.json`` beside it
 holds the same config plus how it was trained (command, commit, steps, hardware). ``blindsr sr --model NAME``
@@ -26,6 +27,12 @@ PRIORS: dict[str, tuple[str, str]] = {
     "prior-s": ("prior_s.safetensors", "unconditional pixel-space diffusion prior (DM-SR / DiffBIR pixel backends)"),
 }
 
+# DiffBIR's pixel backend (issue 14): name -> (file, what it is for); the files may be absent until trained
+PARTS: dict[str, tuple[str, str]] = {
+    "swinir-s": ("swinir_s.safetensors", "DiffBIR stage 1: SwinIR-S cleaner trained on the diffbir-stage1 degradation"),
+    "diffbir-control-s": ("diffbir_control_s.safetensors", "DiffBIR stage 2: IRControlNet on Prior-S"),
+}
+
 
 def _path(table: dict[str, tuple[str, str]], name: str, what: str) -> Path:
     from blindsr.errors import BlindSRError
@@ -48,3 +55,8 @@ def prior_path(name: str = "prior-s") -> Path:
 def default_model_path() -> Path:
     """Path of the default embedded BlindDiff model (``blindsr sr`` with no ``--model`` / ``--ckpt``)."""
     return embedded_path(DEFAULT_MODEL)
+
+
+def part_path(name: str) -> Path:
+    """Path of the embedded pixel-backend part ``name`` (one of :data:`PARTS`)."""
+    return _path(PARTS, name, "part")

@@ -6,12 +6,17 @@ the paper setting, official "spaced"), ``ddim`` (eta 0, LDM "uniform" = leading 
 ``dpm++_2m`` (DPM-Solver++(2M)) and ``dpm++_3m_sde`` (SDE-DPM-Solver++, order 3; our stand-in for v2.1's official
 k-diffusion ``edm_dpm++_3m_sde``), the last two on diffusers' scheduler. The old names ``spaced`` and
 ``dpm++_m2`` are accepted (``SAMPLER_ALIASES``).
+
+Backends (issue 14): ``sd`` (versions v1 / v2 / v2.1: SD 2.1 + the official ControlNets, weights from local
+paths) and ``pixel`` (the preset named ``pixel``: the same two stages on the embedded pixel-space prior Prior-S
+with an IRControlNet trained here and the SwinIR-S cleaner; the "VAE" is the identity, ``x -> 2x - 1``, and there
+is no text: the prior's null context, CFG off). ``blindsr restore`` uses ``pixel`` unless told ``--backend sd``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -25,7 +30,7 @@ from blindsr.diffusion.schedules import get_betas
 from blindsr.errors import BlindSRError
 from blindsr.methods.diffbir.guidance import GuidanceConfig
 from blindsr.models.sd.vae_tiling import VAETiling
-from blindsr.registry import DIFFBIR_COLOR_FIXES, DIFFBIR_START_POINTS
+from blindsr.registry import DIFFBIR_BACKENDS, DIFFBIR_COLOR_FIXES, DIFFBIR_START_POINTS
 from blindsr.registry import DIFFBIR_SAMPLERS as SAMPLERS
 from blindsr.registry import DIFFBIR_TASKS as TASKS
 from blindsr.registry import DIFFBIR_VERSIONS as VERSIONS
@@ -74,12 +79,13 @@ class Tiling:
 
     @classmethod
     def from_options(cls, tile: int | None = None, tile_overlap: int | None = None, cleaner_tile: int | None = None,
-                     vae_tile: int | None = None, no_tile: bool = False) -> Tiling:
-        """The defaults with the user's choices (``blindsr restore``'s flags, the web page's fields): a diffusion
-        tile overlaps by half unless told; a cleaner tile keeps at most half of itself as overlap."""
+                     vae_tile: int | None = None, no_tile: bool = False, base: Tiling | None = None) -> Tiling:
+        """The defaults (``base``: a preset's; else the class's) with the user's choices (``blindsr restore``'s
+        flags, the web page's fields): a diffusion tile overlaps by half unless told; a cleaner tile keeps at
+        most half of itself as overlap."""
         if no_tile:
             return cls.off()
-        t = cls()
+        t = replace(base) if base is not None else cls()
         if tile is not None:
             t.diffusion_tile = tile
             t.diffusion_overlap = tile // 2 if tile_overlap is None else tile_overlap
@@ -97,7 +103,8 @@ class Tiling:
 class DiffBIRConfig(SDProcess):
     """One run's settings; ``from_preset`` fills them from ``diffbir_presets.json`` (official defaults)."""
 
-    version: str = "v2"
+    version: str = "v2"  # v1 | v2 | v2.1 (backend sd) | pixel
+    backend: str = "sd"  # sd (SD 2.1 latents) | pixel (the prior trained here; set by the pixel preset)
     task: str = "sr"
     upscale: float = 4.0
     sampler: str = "ddpm"  # ddpm | ddim | dpm++_2m | dpm++_3m_sde
@@ -120,8 +127,8 @@ class DiffBIRConfig(SDProcess):
     @classmethod
     def from_preset(cls, version: str = "v2", task: str = "sr", **overrides: Any) -> DiffBIRConfig:
         """Official defaults of ``version`` for ``task``, then ``overrides`` (None values are ignored)."""
-        if version not in VERSIONS:
-            raise BlindSRError(f"unknown DiffBIR version {version!r}; choose {', '.join(VERSIONS)}")
+        if version not in (*VERSIONS, "pixel"):
+            raise BlindSRError(f"unknown DiffBIR version {version!r}; choose {', '.join(VERSIONS)} or pixel")
         if task not in TASKS:
             raise BlindSRError(f"unknown task {task!r}; choose {', '.join(TASKS)}")
         p = presets()["versions"][version]
@@ -147,6 +154,16 @@ class DiffBIRConfig(SDProcess):
             raise BlindSRError(f"start point must be noise or cond, not {self.start_point!r}")
         if self.color_fix not in DIFFBIR_COLOR_FIXES:
             raise BlindSRError(f"colour fix must be one of {', '.join(DIFFBIR_COLOR_FIXES)}, not {self.color_fix!r}")
-        if self.tiling.diffusion_tile % 64:
-            raise BlindSRError(f"diffusion tile {self.tiling.diffusion_tile} must be a multiple of 64 pixels")
+        if self.backend not in DIFFBIR_BACKENDS:
+            raise BlindSRError(f"backend must be one of {', '.join(DIFFBIR_BACKENDS)}, not {self.backend!r}")
+        if self.backend == "pixel" and (self.cfg != 1 or self.rescale_cfg):
+            raise BlindSRError("the pixel backend has no text: classifier-free guidance needs --backend sd")
+        m = self.tile_multiple
+        if self.tiling.diffusion_tile % m:
+            raise BlindSRError(f"diffusion tile {self.tiling.diffusion_tile} must be a multiple of {m} pixels")
         self.process()
+
+    @property
+    def tile_multiple(self) -> int:
+        """Diffusion tiles are whole UNet levels: 64 pixels for SD (8x VAE, 8x UNet), 8 for Prior-S."""
+        return 8 if self.backend == "pixel" else 64

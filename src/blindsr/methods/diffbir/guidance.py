@@ -142,12 +142,14 @@ class GuidanceTarget:
 class RestorationGuidance:
     """The region-adaptive guidance step as an x0 hook: x0 moves by ``-s * 3000 * dL/dx0 / c`` where ``c`` is
     the stepper's coefficient of x0 in the next sample (``StepState.x0_weight``: ``posterior_mean_coef1`` for
-    ddpm, as official v2.0.0; 1 for the DPM solvers), so the next sample moves by exactly the guidance step."""
+    ddpm, as official v2.0.0; 1 for the DPM solvers), so the next sample moves by exactly the guidance step.
+    ``factor``: image pixels per position of the sampled space (8 for SD's latents, 1 for the pixel backend)."""
 
     needs_grad = False  # the gradient goes through the VAE decoder only, never through the UNet
 
-    def __init__(self, config: GuidanceConfig, target: GuidanceTarget, decode: Callable[[Tensor], Tensor] | None):
-        self.config, self.decode = config, decode
+    def __init__(self, config: GuidanceConfig, target: GuidanceTarget, decode: Callable[[Tensor], Tensor] | None,
+                 factor: int = 8):
+        self.config, self.decode, self.factor = config, decode, factor
         self.losses: list[float] = []
         self.target = self.weight = None
         if config.scale != 0:
@@ -159,14 +161,14 @@ class RestorationGuidance:
                     raise BlindSRError("latent-space guidance needs the condition latent")
                 self.target, self.weight = target.latent, None  # official: w_mse is RGB-only
                 if config.loss == "w_mse":
-                    self.weight = latent_weight_map(target.image, 8, config.patch_size)
+                    self.weight = latent_weight_map(target.image, factor, config.patch_size)
 
     def guide(self, x0: Tensor, t_orig: int, coef: float) -> Tensor:
         """Return x0 moved by the guidance step when the step is inside [start, stop]."""
         if self.target is None or not self.config.active(t_orig):
             return x0
         h, w = self.target.shape[-2:]
-        f = 8 if self.config.space == "rgb" else 1
+        f = self.factor if self.config.space == "rgb" else 1
         part = x0[..., : h // f, : w // f]  # the padding is not compared
         decode = self.decode if self.config.space == "rgb" else None
         res = apply_guidance(part, decode, self.target, self.config.scale, weight=self.weight,

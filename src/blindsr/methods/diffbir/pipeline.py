@@ -10,6 +10,11 @@ condition is zero-padded to a multiple of 64 (8 when tiled) and everything is cr
 x1 cleaners (SwinIR, SCUNet) run on the bicubic-upscaled input (SwinIR after the 512 resize, SCUNet before it);
 BSRNet runs on the input and its x4 output is resized.
 
+The pixel backend (``config.backend == "pixel"``, issue 14) runs the same stages with ``sd`` = a pixel-space
+``Prior`` (``blindsr.methods.prior``): the condition is the stage-1 image itself (``2 I - 1``, the identity plays
+the VAE's role), the UNet sees the prior's null context (no prompt, no CFG), there is no 512 resize, and the
+diffusion tiles and the guidance work on pixels.
+
 Large images: the cleaner, the VAE encoder, the diffusion (ControlNet + UNet, every step, cond and uncond) and
 the VAE decoder are each tiled automatically once the image exceeds their tile. UNet/ControlNet may run in
 fp16/bf16 (norms stay fp32; VAE and text encoder stay fp32, as official); ``offload`` keeps every module on the
@@ -54,7 +59,8 @@ class DiffBIRResult:
 # ----------------------------------------------------------------------------------------------------------
 class DiffBIRPipeline:
     """``pipe(lq (B,3,h,w) in [0,1], generator) -> DiffBIRResult``; ``sd``/``controlnet`` may be None for
-    stage-1-only use. ``tokenizer``: a callable ``list[str] -> (B, 77)`` ids (default: ``load_tokenizer()``)."""
+    stage-1-only use. ``sd``: a ``models.sd.StableDiffusion`` (backend sd) or a ``methods.prior.Prior`` (backend
+    pixel). ``tokenizer``: a callable ``list[str] -> (B, 77)`` ids (default: ``load_tokenizer()``)."""
 
     def __init__(self, cleaner: nn.Module, sd: Any | None, controlnet: nn.Module | None, config: DiffBIRConfig,
                  device: torch.device | str = "cpu", tokenizer: Any | None = None):
@@ -62,26 +68,54 @@ class DiffBIRPipeline:
         self.device = torch.device(device)
         self.tokenizer = tokenizer
         self._home = torch.device("cpu") if config.offload else self.device
+        self.pixel = config.backend == "pixel"
         self.cleaner.eval().requires_grad_(False).to(self._home)
         if sd is not None:
             if controlnet is None:
                 raise BlindSRError("DiffBIR stage 2 needs a ControlNet")
+            if self.pixel != hasattr(sd, "unet_config"):
+                raise BlindSRError(f"backend {config.backend} needs {'a pixel prior' if self.pixel else 'SD 2.1'}")
+            if self.pixel:
+                self._check_prior(sd)
             cast_keep_norms_fp32(sd.unet, config.dtype)
             cast_keep_norms_fp32(controlnet, config.dtype)
-            for m in (sd.unet, controlnet, sd.vae, sd.text_encoder):
-                m.eval().requires_grad_(False).to(self._home)
+            for m in (sd.unet, controlnet, self.vae, self.text_encoder):
+                if m is not None:
+                    m.eval().requires_grad_(False).to(self._home)
+
+    @property
+    def vae(self) -> nn.Module | None:
+        return None if self.pixel else self.sd.vae
+
+    @property
+    def text_encoder(self) -> nn.Module | None:
+        return None if self.pixel else self.sd.text_encoder
+
+    def _check_prior(self, prior: Any) -> None:
+        d = prior.diffusion
+        if (d.diffusion_steps, d.schedule, d.prediction) != (1000, "scaled_linear", self.config.prediction):
+            raise BlindSRError(f"the pixel prior's process ({d.diffusion_steps} steps, {d.schedule}, "
+                               f"{d.prediction}) is not SD's (1000, scaled_linear, {self.config.prediction})")
+        m = prior.unet_config.multiple
+        if self.config.tiling.diffusion_tile % m:
+            raise BlindSRError(f"diffusion tile {self.config.tiling.diffusion_tile} must be a multiple of {m} "
+                               "(the prior's levels)")
 
     @classmethod
     def from_paths(cls, config: DiffBIRConfig, paths: WeightPaths, device: torch.device | str = "cpu",
                    tokenizer: Any | None = None) -> DiffBIRPipeline:
         """Load the cleaner, SD (checkpoint file or diffusers folder) and the ControlNet from local paths."""
-        from blindsr.models.ircontrolnet import IRControlNetConfig, load_official_controlnet
+        from blindsr.models.ircontrolnet import IRControlNetConfig, load_controlnet, load_official_controlnet
         from blindsr.models.restorers import load_restorer
         from blindsr.models.sd import load_sd
 
         cleaner = load_restorer(paths.cleaner_kind, paths.cleaner)
         sd = controlnet = None
-        if paths.sd is not None:
+        if paths.prior is not None:
+            from blindsr.methods.prior.model import load_prior
+
+            sd, controlnet = load_prior(paths.prior), load_controlnet(paths.controlnet)
+        elif paths.sd is not None:
             sd = load_sd(paths.sd)
             ccfg = IRControlNetConfig.from_unet_config(dict(sd.unet.config))
             controlnet = load_official_controlnet(paths.controlnet, ccfg)
@@ -91,6 +125,7 @@ class DiffBIRPipeline:
     @contextlib.contextmanager
     def _on_device(self, *modules: nn.Module) -> Iterator[None]:
         """With offload: move ``modules`` to the device for the block, then back to the CPU."""
+        modules = tuple(m for m in modules if m is not None)
         if not self.config.offload:
             yield
             return
@@ -153,6 +188,10 @@ class DiffBIRPipeline:
         from blindsr.models.sd import encode_text
 
         c = self.config
+        if self.pixel:  # the prior's fixed null token; CFG is refused by the config
+            from blindsr.methods.prior.model import null_context
+
+            return null_context(self.sd.unet, batch).float(), None
         need_uncond = c.cfg != 1 or c.rescale_cfg
         prompts = [c.pos_prompt] + ([c.neg_prompt] if need_uncond else [])
         with self._on_device(self.sd.text_encoder), torch.no_grad():
@@ -162,9 +201,12 @@ class DiffBIRPipeline:
         return expand[0], (expand[1] if need_uncond else None)
 
     def encode_condition(self, cond: Tensor) -> Tensor:
-        """``c_img`` = VAE posterior mode x 0.18215 of the (padded) stage-1 image in [0, 1]; tiled if large."""
+        """``c_img`` = VAE posterior mode x 0.18215 of the (padded) stage-1 image in [0, 1]; tiled if large.
+        Pixel backend: the image itself in the prior's [-1, 1]."""
         from blindsr.models.sd import vae_encode
 
+        if self.pixel:
+            return cond * 2 - 1
         t, vae = self.config.tiling.vae, self.sd.vae
         with self._on_device(vae), torch.no_grad():
             def enc(x: Tensor) -> Tensor:
@@ -172,9 +214,12 @@ class DiffBIRPipeline:
             return tiled_encode(enc, cond, t.encoder_tile, t.overlap, t.encoder_margin)
 
     def decode(self, z: Tensor) -> Tensor:
-        """Image in about [-1, 1] from a scaled latent; tiled if large; differentiable (for guidance)."""
+        """Image in about [-1, 1] from a scaled latent; tiled if large; differentiable (for guidance).
+        Pixel backend: the identity."""
         from blindsr.models.sd import vae_decode
 
+        if self.pixel:
+            return z
         t, vae = self.config.tiling.vae, self.sd.vae
 
         def dec(q: Tensor) -> Tensor:
@@ -190,8 +235,12 @@ class DiffBIRPipeline:
         B, _, h0, w0 = cond_img.shape
         tile_px = c.tiling.diffusion_tile
         diff_tiled = tile_px > 0 and max(h0, w0) > tile_px
-        enc_tiled = c.tiling.vae.encoder_tile > 0 and max(h0, w0) > c.tiling.vae.encoder_tile
-        cond = pad_to_multiple(cond_img, 8 if (diff_tiled or enc_tiled) else 64, mode="zeros")  # official rule
+        if self.pixel:  # whole prior levels; one pixel per position
+            factor, multiple = 1, self.sd.unet_config.multiple
+        else:
+            enc_tiled = c.tiling.vae.encoder_tile > 0 and max(h0, w0) > c.tiling.vae.encoder_tile
+            factor, multiple = 8, 8 if (diff_tiled or enc_tiled) else 64  # official rule
+        cond = pad_to_multiple(cond_img, multiple, mode="zeros")
         t0 = time.perf_counter()
         c_txt, c_unc = self.encode_prompts(B)
         c_img = self.encode_condition(cond)
@@ -202,7 +251,7 @@ class DiffBIRPipeline:
             x_T = base.q_sample(c_img, torch.full((B,), T - 1, device=self.device),
                                 randn(c_img.shape, generator, self.device))
         else:
-            x_T = randn((B, 4, h1, w1), generator, self.device)
+            x_T = randn((B, self.sd.unet.config.in_channels, h1, w1), generator, self.device)
         c_clean = c_img
         if c.noise_aug > 0:
             c_img = base.q_sample(c_img, torch.full((B,), c.noise_aug, device=self.device),
@@ -210,13 +259,14 @@ class DiffBIRPipeline:
         timings["encode"] = time.perf_counter() - t0
         denoiser = CLDMDenoiser(self.sd.unet, self.controlnet, c_img, c_txt, c_unc, cfg=c.cfg,
                                 rescale_cfg=c.rescale_cfg, strength=c.strength,
-                                tile=tile_px // 8 if diff_tiled else 0, overlap=c.tiling.diffusion_overlap // 8,
+                                tile=tile_px // factor if diff_tiled else 0,
+                                overlap=c.tiling.diffusion_overlap // factor,
                                 batch_cfg=c.batch_cfg, dtype=c.dtype, prediction=c.prediction)
         guided = c.guidance.scale != 0
         guidance = RestorationGuidance(c.guidance, GuidanceTarget(cond, c_clean),
-                                       self.decode) if guided else None
+                                       self.decode, factor) if guided else None
         t0 = time.perf_counter()
-        extra = (self.sd.vae,) if guided else ()
+        extra = (self.vae,) if guided else ()
         stepper = make_stepper(c.sampler, base, c.steps, spacing="leading" if c.sampler == "ddim" else "linspace",
                                var_type="fixed_small", unrescaled_betas=c.betas(zero_snr=False) if c.zero_snr else None,
                                device=self.device)
@@ -225,7 +275,7 @@ class DiffBIRPipeline:
         timings["sample"] = time.perf_counter() - t0
         timings["network_calls"] = float(denoiser.calls)
         t0 = time.perf_counter()
-        with self._on_device(self.sd.vae), torch.no_grad():
+        with self._on_device(self.vae), torch.no_grad():
             x = self.decode(z[..., :h1, :w1])
         timings["decode"] = time.perf_counter() - t0
         return ((x[..., :h0, :w0] + 1) / 2).float(), (guidance.losses if guidance else [])

@@ -18,6 +18,13 @@ Official vs paper / variants (``loss`` / ``diffusion`` sections):
 
 Checkpoints hold our layout; ``final.safetensors`` is written in the official layout, so that
 ``blindsr restore --cleaner`` / ``--controlnet`` load it directly.
+
+Pixel backend (issue 14, ``model.backend: pixel``): the frozen UNet is the pixel-space prior (``model.prior``: an
+embedded name such as ``prior-s`` or a file; ``prior_config: tiny`` for tests), ``c = 2 cleaner(LQ) - 1`` and
+``z0 = 2 HR - 1`` (the identity plays the VAE's role), the text is the prior's null token; the IRControlNet copy
+takes ``hint_channels = 3``. ``model.condition_xt: false`` trains Table 1's Variant 2 (no ``z_t`` in the control
+input) and ``model.cleaner: identity`` the generation module without a restoration module (Table 6).
+``final.safetensors`` keeps our layout with the config in its metadata (``models.ircontrolnet.load_controlnet``).
 """
 
 from __future__ import annotations
@@ -125,11 +132,23 @@ def diffbir_stage1_recipe(cfg: RunConfig) -> Recipe:
 
 # ------------------------------------------------------------------------------------------------ stage 2
 def load_sd(model: dict[str, Any]):
-    """``model.sd`` (SD 2.1 .ckpt/.safetensors or a diffusers folder) or ``model.sd_config: tiny`` (random)."""
+    """``model.sd`` (SD 2.1 .ckpt/.safetensors or a diffusers folder) or ``model.sd_config: tiny`` (random);
+    with ``backend: pixel`` the prior (``model.prior``, default ``prior-s``, or ``prior_config: tiny``)."""
     from pathlib import Path
 
     from blindsr.models import sd as sdm
 
+    if model.get("backend", "sd") == "pixel":
+        from blindsr.methods.prior.config import PriorUNetConfig
+        from blindsr.methods.prior.model import Prior, load_prior
+        from blindsr.weights import PRIORS, prior_path
+
+        if model.get("prior_config") == "tiny":
+            prior = Prior.new(PriorUNetConfig.tiny())
+            prior.unet.requires_grad_(False)
+            return prior
+        name = model.get("prior", "prior-s")
+        return load_prior(prior_path(name) if name in PRIORS else name)
     path, config = model.get("sd"), model.get("sd_config")
     if path is not None:
         if not Path(path).exists():
@@ -148,12 +167,15 @@ def load_sd(model: dict[str, Any]):
 def load_cleaner(model: dict[str, Any]) -> nn.Module:
     """``model.cleaner``: the frozen stage-1 weights (kind ``model.cleaner_kind``) or ``identity`` (tests)."""
     from blindsr.models.restorers import load_restorer
+    from blindsr.weights import PARTS, part_path
 
     path = model.get("cleaner")
     if path is None:
-        raise BlindSRError("config: model.cleaner is required (stage-1 weights, or 'identity')")
+        raise BlindSRError("config: model.cleaner is required (stage-1 weights, an embedded name, or 'identity')")
     if path == "identity":
         return nn.Identity()
+    if path in PARTS:
+        path = part_path(path)
     return load_restorer(model.get("cleaner_kind", "swinir"), path)
 
 
@@ -165,13 +187,25 @@ def prompt_tokens(prompt: str) -> torch.Tensor:
 
 
 class FrozenParts(nn.Module):
-    """UNet, VAE, text encoder and cleaner: eval mode, no gradients, never in a checkpoint."""
+    """UNet, VAE, text encoder and cleaner: eval mode, no gradients, never in a checkpoint. A pixel prior has
+    no VAE and no text encoder (``vae is None``: the identity space)."""
 
     def __init__(self, sd, cleaner: nn.Module):
         super().__init__()
-        self.unet, self.vae, self.text_encoder, self.cleaner = sd.unet, sd.vae, sd.text_encoder, cleaner
-        self.scale_factor = sd.scale_factor
+        self.unet, self.cleaner = sd.unet, cleaner
+        self.vae, self.text_encoder = getattr(sd, "vae", None), getattr(sd, "text_encoder", None)
+        self.scale_factor = getattr(sd, "scale_factor", 1.0)
         self.eval().requires_grad_(False)
+
+    def to_space(self, img: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None,
+                 ) -> torch.Tensor:
+        """An image in [0, 1] in the UNet's space: the VAE latent (posterior mode, or a sample) x 0.18215, or
+        ``2 img - 1`` for a pixel prior."""
+        from blindsr.models.sd import vae_encode
+
+        if self.vae is None:
+            return img * 2 - 1
+        return vae_encode(self.vae, img, sample=sample, generator=generator, scale_factor=self.scale_factor)
 
     def train(self, mode: bool = True) -> FrozenParts:  # official `disabled_train`: always eval
         return super().train(False)
@@ -181,13 +215,12 @@ def stage2_loss(controlnet: nn.Module, frozen: FrozenParts, diffusion, dcfg: Sta
                 lq: torch.Tensor, hr: torch.Tensor, g: torch.Generator, t: torch.Tensor | None = None) -> torch.Tensor:
     """DiffBIR Eq. 4 on one batch (``t`` drawn from U{0..T-1} unless given)."""
     from blindsr.models.ircontrolnet import controlled_unet
-    from blindsr.models.sd import vae_encode
 
     dev, B = hr.device, hr.shape[0]
     with torch.no_grad(), torch.autocast(dev.type, enabled=False):
         cond = frozen.cleaner(cleaner_input(lq, cleaner_scale(frozen.cleaner)))
-        c_img = vae_encode(frozen.vae, cond, scale_factor=frozen.scale_factor)  # posterior mode
-        z0 = vae_encode(frozen.vae, hr, sample=True, generator=g, scale_factor=frozen.scale_factor)
+        c_img = frozen.to_space(cond)  # posterior mode
+        z0 = frozen.to_space(hr, sample=True, generator=g)
         if t is None:
             t = torch.randint(0, diffusion.num_timesteps, (B,), generator=g, device=dev)
         eps = torch.randn(z0.shape, generator=g, device=dev)
@@ -207,30 +240,50 @@ def diffbir_stage2_recipe(cfg: RunConfig) -> Recipe:
         IRControlNet,
         IRControlNetConfig,
         controlnet_to_official,
+        load_controlnet,
         load_official_controlnet,
     )
     from blindsr.models.sd import encode_text
 
-    known = {"sd", "sd_config", "cleaner", "cleaner_kind", "controlnet"}
+    known = {"sd", "sd_config", "cleaner", "cleaner_kind", "controlnet", "backend", "prior", "prior_config",
+             "condition_xt"}
     if set(cfg.model) - known:
         raise BlindSRError(f"config: unknown key(s) model.{', model.'.join(sorted(set(cfg.model) - known))} "
                            f"(known: {', '.join(sorted(known))})")
     if cfg.loss:
         raise BlindSRError("config: method diffbir-stage2 takes no loss section (the loss is Eq. 4's MSE)")
+    backend = cfg.model.get("backend", "sd")
+    if backend not in ("sd", "pixel"):
+        raise BlindSRError(f"config: model.backend {backend!r}: choose sd or pixel")
+    pixel = backend == "pixel"
     dcfg = from_dict(Stage2Diffusion, cfg.diffusion, "diffusion")
+    if pixel and (dcfg.prediction, dcfg.zero_snr, dcfg.prompt) != ("eps", False, ""):
+        raise BlindSRError("config: the pixel prior predicts eps on SD's schedule and has no text "
+                           "(diffusion.prediction eps, zero_snr false, prompt '')")
     diffusion = dcfg.process()
     sd = load_sd(cfg.model)
-    ccfg = IRControlNetConfig.from_unet_config(dict(sd.unet.config))
-    if cfg.model.get("controlnet"):
+    xt = bool(cfg.model.get("condition_xt", True))
+    hint = 3 if pixel else 4
+    ccfg = IRControlNetConfig.from_unet_config(dict(sd.unet.config), hint, xt)
+    if cfg.model.get("controlnet") and pixel:
+        controlnet = load_controlnet(cfg.model["controlnet"]).requires_grad_(True)
+    elif cfg.model.get("controlnet"):
         controlnet = load_official_controlnet(cfg.model["controlnet"], ccfg).requires_grad_(True)
     else:
-        controlnet = IRControlNet.from_unet(sd.unet)  # official load_controlnet_from_unet
+        controlnet = IRControlNet.from_unet(sd.unet, hint, xt)  # official load_controlnet_from_unet
     frozen = FrozenParts(sd, load_cleaner(cfg.model))
     with torch.no_grad():
-        c_txt0 = encode_text(frozen.text_encoder, prompt_tokens(dcfg.prompt)).float()
+        if pixel:
+            from blindsr.methods.prior.model import null_context
+
+            c_txt0 = null_context(frozen.unet, 1).float()
+        else:
+            c_txt0 = encode_text(frozen.text_encoder, prompt_tokens(dcfg.prompt)).float()
     degrade, d = degrade_fn(cfg), cfg.data
-    if d.crop % 64:
-        raise BlindSRError(f"config: data.crop {d.crop} must be a multiple of 64 (8x VAE, whole UNet levels)")
+    multiple = sd.unet_config.multiple if pixel else 64
+    if d.crop % multiple:
+        raise BlindSRError(f"config: data.crop {d.crop} must be a multiple of {multiple} (whole UNet levels"
+                           f"{'' if pixel else ', 8x VAE'})")
     train_files, val_files = split_data(cfg)
     dataset = hr_dataset(cfg, train_files)
 
@@ -263,10 +316,11 @@ def diffbir_stage2_recipe(cfg: RunConfig) -> Recipe:
 
     use_val = val_files and cfg.train.val_every
     cfg = dataclasses.replace(cfg, diffusion=to_dict(dcfg))
-    meta = {"method": "diffbir-stage2", "config": json.dumps(dataclasses.asdict(ccfg)),
+    meta = {"method": "diffbir-stage2", "backend": backend, "config": json.dumps(dataclasses.asdict(ccfg)),
             "prediction": dcfg.prediction, "degradation": d.degradation, "train_config": json.dumps(to_dict(cfg))}
+    export = None if pixel else (lambda sd_: controlnet_to_official(sd_, ccfg))  # pixel: our layout
     return Recipe.single(controlnet, loss_fn, dataset, validate_fn=validate if use_val else None,
-                         export_metadata=meta, config=cfg, export_keys=lambda sd_: controlnet_to_official(sd_, ccfg))
+                         export_metadata=meta, config=cfg, export_keys=export)
 
 
 __all__ = ["diffbir_stage1_recipe", "diffbir_stage2_recipe", "stage2_loss", "restorer_config", "TINY_SD_LDM"]

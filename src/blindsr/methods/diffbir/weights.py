@@ -1,5 +1,6 @@
 """Where DiffBIR's weights are: flag > environment variable > ``~/.config/blindsr/weights.json`` (or
-``$BLINDSR_CONFIG``); the weight names, flags, variables and file names are in ``configs/diffbir_presets.json``."""
+``$BLINDSR_CONFIG``) > the embedded file (the pixel backend's parts, ``blindsr.weights``); the weight names, flags,
+variables and file names are in ``configs/diffbir_presets.json``."""
 
 from __future__ import annotations
 
@@ -47,6 +48,14 @@ def resolve_weight(key: str, given: str | Path | None = None) -> Path:
     if value is None:
         value = read_config_file().get(key)
         source = str(config_file())
+    if value is None and info.get("embedded"):
+        from blindsr.weights import PRIORS, part_path, prior_path
+
+        name = info["embedded"]
+        path = (prior_path if name in PRIORS else part_path)(name)
+        if path.is_file():
+            return path
+        source, value = "the package (not trained yet)", str(path)
     if value is None:
         raise WeightsError(f"no {info['what']} ({info['file']}): {how}")
     path = Path(value).expanduser()
@@ -59,22 +68,33 @@ def resolve_weight(key: str, given: str | Path | None = None) -> Path:
 class WeightPaths:
     cleaner_kind: str
     cleaner: Path
-    sd: Path | None = None
+    sd: Path | None = None  # SD 2.1 (backend sd)
     controlnet: Path | None = None
+    prior: Path | None = None  # the pixel-space prior (backend pixel)
 
 
 def resolve_weights(version: str, task: str, *, sd: str | Path | None = None, controlnet: str | Path | None = None,
                     cleaner: str | Path | None = None, cleaner_kind: str | None = None,
-                    stage1_only: bool = False) -> WeightPaths:
+                    prior: str | Path | None = None, stage1_only: bool = False) -> WeightPaths:
     """All paths a run needs; stage-1-only runs need the cleaner alone."""
     p = presets()["versions"][version]
+    pixel = p.get("backend") == "pixel"
+    if pixel and sd is not None:
+        raise BlindSRError("--sd is for --backend sd; the pixel backend takes --prior")
+    if not pixel and prior is not None:
+        raise BlindSRError("--prior is for --backend pixel")
     kind, cleaner_key = p["cleaner"][task]
-    if cleaner_kind and cleaner_kind != kind:  # another cleaner family: its preset weight key, if any
+    if cleaner is not None and not cleaner_kind:  # a file the user names: its architecture from its tensors
+        kind = "auto"
+    elif cleaner_kind and cleaner_kind != kind:  # another cleaner family: its preset weight key, if any
         kind = cleaner_kind
         cleaner_key = {"bsrnet": "bsrnet", "rrdbnet": "bsrnet", "realesrgan": "bsrnet",
                       "scunet": "scunet_psnr"}.get(kind, "swinir_general")
     paths = WeightPaths(kind, resolve_weight(cleaner_key, cleaner))
     if not stage1_only:
-        paths.sd = resolve_weight(p["sd"], sd)
+        if pixel:
+            paths.prior = resolve_weight(p["prior"], prior)
+        else:
+            paths.sd = resolve_weight(p["sd"], sd)
         paths.controlnet = resolve_weight(p["controlnet"][task], controlnet)
     return paths

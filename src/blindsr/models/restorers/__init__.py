@@ -66,17 +66,26 @@ def load_restorer(kind: str, path: str | Path, device: str | torch.device = "cpu
     and ``module.`` wrappers are unwrapped; pickles only with ``weights_only=True``).
 
     The model's sizes are read from the tensors; any missing or unexpected key is a one-line
-    ``WeightsError``. The model is returned in eval mode with gradients off.
+    ``WeightsError``. ``kind="auto"``: the first architecture whose layout the tensors have. The model is
+    returned in eval mode with gradients off.
     """
     from blindsr.io.weights import check_finite, load_into, load_state_dict
 
-    spec = restorer_spec(kind)
-    sd = spec.prepare(load_state_dict(path))
-    check_finite(sd, path)
-    try:
-        config = spec.config_from_state_dict(sd)
-    except ValueError as e:
-        raise WeightsError(f"{path}: {e}") from None
+    raw = load_state_dict(path)
+    check_finite(raw, path)
+    names = list(KINDS) if kind == "auto" else [kind]
+    errors = []
+    for name in names:
+        spec = restorer_spec(name)
+        sd = spec.prepare(raw)
+        try:
+            config = spec.config_from_state_dict(sd)
+            break
+        except ValueError as e:
+            errors.append(str(e))
+    else:
+        why = errors[0] if kind != "auto" else "not a SwinIR, RRDBNet or SCUNet state dict"
+        raise WeightsError(f"{path}: {why}")
     model = spec.cls(config)
     # Shift masks and position indices are functions of the config: fill them in when a file omits them.
     for k, v in model.state_dict().items():
