@@ -53,7 +53,7 @@ def scores(sr: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor) -> tuple[float,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ckpt", required=True, help="the DM-SR checkpoint")
+    ap.add_argument("--ckpt", help="the DM-SR checkpoint (omit for the bicubic / baseline / BlindDiff rows alone)")
     ap.add_argument("--sd-turbo", help="SD-Turbo weights, for a checkpoint of the sd-turbo backend")
     ap.add_argument("--sets", nargs="+", default=["Set5", "Set14"])
     ap.add_argument("--presets", nargs="+", default=["resshift", "realesrgan"])
@@ -68,7 +68,7 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_grad_enabled(False)
-    pipe = load_pipeline(args.ckpt, sd_turbo=args.sd_turbo)
+    pipe = load_pipeline(args.ckpt, sd_turbo=args.sd_turbo) if args.ckpt else None
     others = {k: load_pipeline(v, sd_turbo=args.sd_turbo) for k, v in (b.split("=", 1) for b in args.baseline)}
     bd = None
     if args.blinddiff:
@@ -87,14 +87,14 @@ def main() -> None:
             col = f"{s} / {preset}"
             for name, lr, hr in pairs(Path(args.data) / s, preset, args.limit):
                 add("bicubic", col, scores(imresize(lr, scale=4), hr, lr))
-                for n in args.steps:
+                for n in args.steps if pipe is not None else ():
                     res = pipe(lr, steps=n)
                     add(f"DM-SR, t̂, {n} step(s)", col, scores(res.sr, hr, lr))
                     if n == args.steps[0]:
                         up = imresize(lr, scale=4).clamp(0, 1)
                         t_gt = timestep_target(up, hr, LossConfig(t_target=args.t_target), pipe.prior.process.t_max)
                         t_err.append(float(res.t_hat[0] - t_gt[0]))
-                for t in args.fixed_t:
+                for t in args.fixed_t if pipe is not None else ():
                     add(f"DM-SR, fixed t = {t:g}", col, scores(pipe(lr, steps=args.steps[0], t_hat=t).sr, hr, lr))
                 for k, other in others.items():
                     add(k, col, scores(other(lr, steps=args.steps[0]).sr, hr, lr))

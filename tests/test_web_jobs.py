@@ -187,11 +187,14 @@ def test_diffbir_without_weights_names_the_files_it_needs(monkeypatch, tmp_path)
     monkeypatch.setenv("BLINDSR_CONFIG", str(tmp_path / "none.json"))
     for v in ("BLINDSR_BSRNET", "BLINDSR_SD21", "BLINDSR_DIFFBIR_V2"):
         monkeypatch.delenv(v, raising=False)
-    msg = jobs.diffbir_missing(jobs.DiffBIRParams(stage1_only=True), {})
+    msg = jobs.diffbir_missing(jobs.DiffBIRParams(stage1_only=True, version="v2"), {})
     assert msg and "BLINDSR_BSRNET" in msg
-    full = jobs.diffbir_missing(jobs.DiffBIRParams(stage1_only=False), {"cleaner": str(ZEBRA)})
+    full = jobs.diffbir_missing(jobs.DiffBIRParams(stage1_only=False, version="v2"), {"cleaner": str(ZEBRA)})
     assert full and "BLINDSR_SD21" in full
-    assert jobs.diffbir_missing(jobs.DiffBIRParams(stage1_only=True), {"cleaner": str(ZEBRA)}) is None
+    assert jobs.diffbir_missing(jobs.DiffBIRParams(stage1_only=True, version="v2"), {"cleaner": str(ZEBRA)}) is None
+    # the pixel backend ignores the server's SD paths (they are for the SD versions)
+    pixel = jobs.DiffBIRParams(stage1_only=True)
+    assert jobs.diffbir_missing(pixel, {"cleaner": str(ZEBRA), "sd": str(ZEBRA), "controlnet": str(ZEBRA)}) is None
 
 
 def test_diffbir_stage1_job_runs_with_a_cleaner(tmp_path, models):
@@ -203,12 +206,12 @@ def test_diffbir_stage1_job_runs_with_a_cleaner(tmp_path, models):
     ckpt = tmp_path / "tiny_rrdb.safetensors"
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, ckpt)
     items, _ = jobs.gather_inputs([_png(tmp_path / "a.png")], tmp_path / "in")
-    p = jobs.DiffBIRParams(stage1_only=True, cleaner_kind="rrdbnet", seed=3)
+    p = jobs.DiffBIRParams(stage1_only=True, version="v2", cleaner_kind="rrdbnet", seed=3)
     tracker = jobs.Tracker(1, lambda f, s: None)
     res = jobs.run_job("diffbir", p, items, tmp_path / "out", models, tracker, {"cleaner": str(ckpt)})
     assert res.errors == [], res.errors
     assert res.images[0].size_out == (96, 80) and res.images[0].kernel is None
-    assert res.cli.startswith("blindsr restore a.png -o out/ --version v2 --task sr --cleaner-kind rrdbnet")
+    assert res.cli.startswith("blindsr restore a.png -o out/ --backend sd --version v2 --task sr --cleaner-kind rrdbnet")
     assert res.cli.endswith("--stage1-only")
 
 

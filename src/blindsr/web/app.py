@@ -221,9 +221,10 @@ def build(server: Server):
                         go_bd = gr.Button("Super-resolve with BlindDiff", variant="primary", elem_id="run-blinddiff")
                     with gr.Tab("DiffBIR"):
                         db_status = gr.Markdown()
-                        stage1 = gr.Checkbox(True, label="Stage 1 only (the cleaner; no SD needed)")
+                        stage1 = gr.Checkbox(True, label="Stage 1 only (the cleaner; fast)")
                         with gr.Row():
-                            version = gr.Dropdown(list(DIFFBIR_VERSIONS), value="v2", label="Version")
+                            version = gr.Dropdown(["pixel", *DIFFBIR_VERSIONS], value="pixel",
+                                                  label="Backend (pixel: offline) or SD version")
                             task = gr.Dropdown(list(DIFFBIR_TASKS), value="sr", label="Task")
                             kind = gr.Dropdown([DEFAULT, *RESTORER_KINDS], value=DEFAULT, label="Cleaner")
                         with gr.Row():

@@ -222,7 +222,7 @@ class DiffBIRParams:
     """``blindsr restore``'s options that the page offers (None = the preset's default)."""
 
     stage1_only: bool = True
-    version: str = "v2"
+    version: str = "pixel"  # pixel (the embedded models, offline) or an SD version: v1 | v2 | v2.1
     task: str = "sr"
     cleaner_kind: str | None = None
     guidance_scale: float = 0.0
@@ -235,10 +235,12 @@ class DiffBIRParams:
     seed: int = 0
 
     def cli(self, names: list[str]) -> str:
-        opts = [("--version", self.version), ("--task", self.task), ("--cleaner-kind", self.cleaner_kind),
+        sd = self.version != "pixel"
+        opts = [("--backend", "sd" if sd else None), ("--version", self.version if sd else None),
+                ("--task", self.task), ("--cleaner-kind", self.cleaner_kind),
                 ("--cleaner-tile", self.cleaner_tile), ("--seed", self.seed)]
         if not self.stage1_only:
-            opts[3:3] = [("--guidance-scale", self.guidance_scale or None), ("--sampler", self.sampler),
+            opts[4:4] = [("--guidance-scale", self.guidance_scale or None), ("--sampler", self.sampler),
                          ("--steps", self.steps), ("--cfg", self.cfg), ("--tile", self.tile),
                          ("--color-fix", self.color_fix)]
         return _cli_line("restore", names, opts, ["--stage1-only"] if self.stage1_only else [])
@@ -306,10 +308,16 @@ def diffbir_missing(params: DiffBIRParams, weights: dict[str, str | None]) -> st
 
     try:
         resolve_weights(params.version, params.task, stage1_only=params.stage1_only,
-                        cleaner_kind=params.cleaner_kind, **weights)
+                        cleaner_kind=params.cleaner_kind, **_weights_for(params, weights))
     except BlindSRError as e:
         return str(e)
     return None
+
+
+def _weights_for(params: DiffBIRParams, weights: dict[str, str | None]) -> dict[str, str | None]:
+    """The server's weight paths that apply: SD and its ControlNet only to the SD versions (a given cleaner
+    serves both backends)."""
+    return weights if params.version != "pixel" else {k: v for k, v in weights.items() if k not in ("sd", "controlnet")}
 
 
 class Models:
@@ -415,11 +423,13 @@ def _diffbir_one(name: str, path: Path, p: DiffBIRParams, out_dir: Path, models:
 
     t0 = time.perf_counter()
     img = _load(path)
-    paths = resolve_weights(p.version, p.task, stage1_only=p.stage1_only, cleaner_kind=p.cleaner_kind, **weights)
+    paths = resolve_weights(p.version, p.task, stage1_only=p.stage1_only, cleaner_kind=p.cleaner_kind,
+                            **_weights_for(p, weights))
+    base = DiffBIRConfig.from_preset(p.version, p.task).tiling
     config = DiffBIRConfig.from_preset(
         p.version, p.task, sampler=p.sampler, steps=p.steps, cfg=p.cfg, color_fix=p.color_fix,
         guidance=GuidanceConfig(scale=p.guidance_scale),
-        tiling=Tiling.from_options(tile=p.tile, cleaner_tile=p.cleaner_tile))
+        tiling=Tiling.from_options(tile=p.tile, cleaner_tile=p.cleaner_tile, base=base))
     key = ("diffbir", p.version, p.task, str(paths))
     pipe = models.get(key, lambda: DiffBIRPipeline.from_paths(config, paths, models.device))
     pipe = pipe.with_config(**{f: getattr(config, f) for f in ("sampler", "steps", "cfg", "color_fix",
