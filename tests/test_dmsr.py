@@ -269,9 +269,10 @@ def test_sd_backend_losses_reach_only_the_encoder():
     assert got == {"encoder": True, "unet": False, "vae": False, "disc": False, "est": False}
 
 
-def test_missing_weights_are_one_line_errors(tmp_path):
+def test_missing_weights_are_one_line_errors(tmp_path, monkeypatch):
     from blindsr.errors import WeightsError
 
+    monkeypatch.setattr("blindsr.weights.HERE", tmp_path)  # a copy of blindsr without the embedded files
     with pytest.raises(WeightsError, match="no embedded DM-SR-S"):
         pipeline.load_pipeline(None)
     with pytest.raises(WeightsError, match="not found"):
@@ -297,7 +298,7 @@ def test_full_size_sd_turbo_parts_on_the_meta_device():
     assert round(count(vae) / 1e4) / 100 == 83.65
 
 
-def test_cli_sr_method_dmsr(tmp_path, capsys, tiny_dmsr_checkpoint):
+def test_cli_sr_method_dmsr(tmp_path, capsys, tiny_dmsr_checkpoint, monkeypatch):
     from PIL import Image
 
     from blindsr.cli.main import main
@@ -311,6 +312,7 @@ def test_cli_sr_method_dmsr(tmp_path, capsys, tiny_dmsr_checkpoint):
     assert "t̂ 200.0" in capsys.readouterr().out
     with Image.open(out / "in.png") as im:
         assert im.size == (56, 40)
+    monkeypatch.setattr("blindsr.weights.HERE", tmp_path)  # a copy of blindsr without the embedded files
     for argv, msg in ((["--method", "dmsr"], "no embedded DM-SR-S"),
                       (["--method", "dmsr", "--encoder", str(ckpt), "--lambda", "1"], "--lambda: BlindDiff option"),
                       (["--method", "dmsr", "--encoder", str(ckpt), "--prompt", "x"], "unconditional"),

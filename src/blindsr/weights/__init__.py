@@ -27,8 +27,10 @@ PRIORS: dict[str, tuple[str, str]] = {
     "prior-s": ("prior_s.safetensors", "unconditional pixel-space diffusion prior (DM-SR / DiffBIR pixel backends)"),
 }
 
-# DiffBIR's pixel backend (issue 14): name -> (file, what it is for); the files may be absent until trained
+# The offline pixel backends' models and parts, not offered by `blindsr sr --model` (DM-SR-S is
+# `blindsr sr --method dmsr`; the other two are DiffBIR's): name -> (file, what it is for)
 PARTS: dict[str, tuple[str, str]] = {
+    "dmsr-s": ("dmsr_s.safetensors", "DM-SR-S: timestep estimator + time-aware encoder on Prior-S (--method dmsr)"),
     "swinir-s": ("swinir_s.safetensors", "DiffBIR stage 1: SwinIR-S cleaner trained on the diffbir-stage1 degradation"),
     "diffbir-control-s": ("diffbir_control_s.safetensors", "DiffBIR stage 2: IRControlNet on Prior-S"),
 }

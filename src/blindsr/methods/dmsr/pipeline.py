@@ -157,9 +157,13 @@ def load_pipeline(ckpt: str | Path | None = None, device: str | torch.device = "
     checkpoint's fixed prompt (or ``prompt``: a per-run one; the pixel prior has none)."""
     from blindsr.io.weights import load_into
 
-    if ckpt is None:  # DM-SR-S is not trained yet (it needs the pixel prior first)
-        raise WeightsError("no embedded DM-SR-S model in this version of blindsr: pass a DM-SR checkpoint "
-                           "(--encoder FILE), trained with `blindsr train dmsr --config configs/dmsr_s.yaml`")
+    if ckpt is None:
+        from blindsr.weights import part_path
+
+        ckpt = part_path("dmsr-s")
+        if not ckpt.is_file():
+            raise WeightsError("no embedded DM-SR-S model in this copy of blindsr: pass a DM-SR checkpoint "
+                               "(--encoder FILE), trained with `blindsr train dmsr --config configs/dmsr_s.yaml`")
     meta, sd = read_checkpoint(ckpt)
     backend = meta.get("backend")
     if backend not in BACKENDS:
