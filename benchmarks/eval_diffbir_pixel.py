@@ -40,6 +40,13 @@ def crops(folder: Path, preset: str, size: int, limit: int | None):
         yield f.stem, deg.lr.clamp(0, 1), deg.hr
 
 
+def score(img: torch.Tensor, hr: torch.Tensor, ref: torch.Tensor) -> tuple[float, float, float]:
+    """PSNR and SSIM (Y, border 4) against HR, and PSNR against ``ref`` (the stage-1 image)."""
+    img = img.clamp(0, 1)
+    return (psnr(img[0], hr[0], crop_border=4, y_channel=True), ssim(img[0], hr[0], crop_border=4, y_channel=True),
+            psnr(img[0], ref[0]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scales", nargs="+", type=float, default=[0.0, 1.0, 3.0, 10.0], help="guidance scales s")
@@ -61,15 +68,11 @@ def main() -> None:
     rows: dict[str, list[tuple[float, float, float]]] = {}
     for s in args.sets:
         for name, lr, hr in crops(Path(args.data) / s, args.preset, args.crop, args.limit):
-            def score(img: torch.Tensor, ref: torch.Tensor) -> tuple[float, float, float]:
-                img = img.clamp(0, 1)
-                return (psnr(img[0], hr[0], crop_border=4, y_channel=True),
-                        ssim(img[0], hr[0], crop_border=4, y_channel=True), psnr(img[0], ref[0]))
             stage1 = pipe(lr, stage1_only=True).image
-            rows.setdefault("stage 1 (I_RM)", []).append(score(stage1, stage1))
+            rows.setdefault("stage 1 (I_RM)", []).append(score(stage1, hr, stage1))
             for g in args.scales:
                 out = pipe.with_config(guidance=GuidanceConfig(scale=g))(lr, [torch.Generator().manual_seed(0)])
-                rows.setdefault(f"{args.label}, s = {g:g}", []).append(score(out.image, out.stage1))
+                rows.setdefault(f"{args.label}, s = {g:g}", []).append(score(out.image, hr, out.stage1))
             print(f"{s} {name} done", file=sys.stderr, flush=True)
     lines = ["| pipeline | PSNR | SSIM | PSNR to I_RM |", "|---|---|---|---|"]
     for row, v in rows.items():
