@@ -23,6 +23,7 @@ REGISTRY: dict[str, dict[str, Any]] = {
         "diffbir-stage2": "blindsr.methods.diffbir.recipe:diffbir_stage2_recipe",
         "prior": "blindsr.methods.prior.recipe:prior_recipe",
         "dmsr": "blindsr.methods.dmsr.recipe:dmsr_recipe",
+        "uddm": "blindsr.methods.uddm.recipe:uddm_recipe",
     },
     # `--preset NAME`, `data.degradation`: NAME -> a degradations.pipelines.PresetSpec
     "preset": {

@@ -21,6 +21,7 @@ __all__ = ["DataConfig", "OptimConfig", "TrainConfig", "RunConfig", "load_config
 @dataclass
 class DataConfig:
     root: str = "../shared/data/train-hr"  # folder of HR images (recursive); LR is synthesised on the fly
+    lr_root: str | None = None       # unpaired methods (UDDM): a folder of real LR photos, cropped crop/scale
     crop: int = 128                  # HR crop size (official gt_size 128); a multiple of `scale`
     scale: int = 4
     flip: bool = True                # random horizontal flip

@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from blindsr.errors import BlindSRError, WeightsError
+from blindsr.train.gan import GAN_LOSSES, d_loss, g_loss  # noqa: F401  (re-exported: DM-SR's names)
 
 # ImageNet normalisation of torchvision's VGG weights
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -64,7 +65,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # torchvision's vgg19 "E" config: conv widths and "M" max-pools; 37 modules (conv + ReLU pairs, 5 pools)
 VGG19_LAYOUT: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
                                        512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
-GAN_LOSSES = ("hinge", "bce")
 
 
 def _module_dtype(module: nn.Module) -> torch.dtype:
@@ -405,29 +405,6 @@ class LRDiscriminator(nn.Module):
                 h = self.downsamplers[i](h)
         h = F.silu(self.norm_out(h)).mean(dim=(2, 3))
         return self.head(h).squeeze(1)
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in GAN_LOSSES:
-        raise BlindSRError(f"dmsr: GAN loss {kind!r}: choose one of {', '.join(GAN_LOSSES)}")
-
-
-def d_loss(real_logits: Tensor, fake_logits: Tensor, kind: str = "hinge") -> Tensor:
-    """The discriminator's loss (fp32). ``hinge`` (InvSR's, the default): mean relu(1 − r) + mean relu(1 + f);
-    ``bce`` (the paper's Eq. 4, the GAN log-loss): mean softplus(−r) + mean softplus(f) = −log σ(r) − log(1 − σ(f))."""
-    _check_kind(kind)
-    r, f = real_logits.float(), fake_logits.float()
-    if kind == "hinge":
-        return F.relu(1 - r).mean() + F.relu(1 + f).mean()
-    return F.softplus(-r).mean() + F.softplus(f).mean()
-
-
-def g_loss(fake_logits: Tensor, kind: str = "hinge") -> Tensor:
-    """The generator's adversarial loss (fp32). ``hinge``: −mean f; ``bce`` (the paper's Eq. 5, in the
-    non-saturating form): mean softplus(−f) = −log σ(f)."""
-    _check_kind(kind)
-    f = fake_logits.float()
-    return -f.mean() if kind == "hinge" else F.softplus(-f).mean()
 
 
 __all__ = ["EstimatorConfig", "TimestepEstimator", "expected_timestep", "vgg19_conv_indices",
