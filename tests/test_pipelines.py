@@ -30,8 +30,8 @@ def hr():
     return O.imresize(x, size=(66, 70)).clamp(0, 1)
 
 
-@pytest.mark.parametrize("name", list_presets())
-def test_every_preset_runs_and_reports_params(name, hr):
+@pytest.mark.parametrize("name", [n for n in list_presets() if n != "uddm"])  # uddm: a learned preset that needs
+def test_every_preset_runs_and_reports_params(name, hr):  # a trained model (tests/test_uddm_train.py)
     d = get_preset(name)
     r = d(hr, gen(1))
     assert isinstance(r, DegradeResult)

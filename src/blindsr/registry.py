@@ -37,6 +37,7 @@ REGISTRY: dict[str, dict[str, Any]] = {
         "stablesr": "blindsr.degradations.pipelines:STABLESR",
         "resshift": "blindsr.degradations.pipelines:RESSHIFT",
         "motion-deblur": "blindsr.degradations.pipelines:MOTION_DEBLUR",
+        "uddm": "blindsr.methods.uddm.model:UDDM",
     },
 }
 

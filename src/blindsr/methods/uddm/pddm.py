@@ -178,7 +178,10 @@ class PDDM(nn.Module):
                           posterize=torch.sigmoid(gl[:, 6]), sigma=c.noise_max * torch.sigmoid(self.sigma_head(f)),
                           gray=torch.sigmoid(gl[:, 7]), quality=lo + (hi - lo) * torch.sigmoid(gl[:, 8]))
 
-    def forward(self, hr: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def forward(self, hr: Tensor, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
+        """``generator``: one, or one per image (image i then does not depend on the batch it is in)."""
+        if isinstance(generator, list | tuple):
+            return torch.cat([self(hr[i:i + 1], g) for i, g in enumerate(generator)])
         c = self.config
         lr_shape = ((hr.shape[-2] - 1) // c.scale + 1, (hr.shape[-1] - 1) // c.scale + 1)
         p = self.params(hr)
