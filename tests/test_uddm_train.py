@@ -135,3 +135,23 @@ def test_the_preset_refuses_a_missing_model(tmp_path, folders, capsys):
                  "--output", str(tmp_path / "o2")]) != 0
     err = capsys.readouterr().err
     assert "UDDM weights not found" in err and err.count("\n") == 1, err
+
+
+def test_uddm_fit_command(tmp_path, folders, capsys):
+    lr, hr = folders
+    tiny = ["--set", "model.ddm.preset=tiny", "--set", "model.pddm.width=8", "--set", "model.pddm.blocks=1",
+            "--set", "model.discriminator.width=8", "--set", "data.crop=32", "--set", "data.batch_size=2",
+            "--set", "data.cache=false", "--set", "train.max_steps=2"]
+    run = tmp_path / "cam"
+    assert main(["uddm", "fit", "--real-lr", str(lr), "--hr", str(hr), "-o", str(run), "--no-progress",
+                 "--device", "cpu", *tiny]) == 0
+    assert "blindsr degrade --preset uddm" in capsys.readouterr().out
+    assert (run / "final.safetensors").is_file() and (run / "final_pddm.safetensors").is_file()
+    assert main(["uddm", "fit", "--real-lr", str(tmp_path / "none"), "--hr", str(hr), "-o", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "--real-lr" in err and err.count("\n") == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["uddm", "fit", "--real-lr", str(empty), "--hr", str(hr), "-o", str(tmp_path / "e"), *tiny]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err

@@ -22,6 +22,7 @@ COMMANDS = [
     ("degrade", "synthesise LR images from HR images with a named degradation preset"),
     ("eval", "PSNR/SSIM (and learned metrics) of predictions against ground truth"),
     ("train", "train a model from a config file (on Accelerate)"),
+    ("uddm", "learn a camera's degradation from its LR photos (UDDM): blindsr uddm fit"),
     ("weights", "inspect and convert checkpoints"),
     ("web", "the web page: upload, compare, download (optional extra: pip install -e \".[web]\")"),
 ]
