@@ -24,6 +24,7 @@ REGISTRY: dict[str, dict[str, Any]] = {
         "prior": "blindsr.methods.prior.recipe:prior_recipe",
         "dmsr": "blindsr.methods.dmsr.recipe:dmsr_recipe",
         "uddm": "blindsr.methods.uddm.recipe:uddm_recipe",
+        "srnet": "blindsr.methods.srnet.recipe:srnet_recipe",
     },
     # `--preset NAME`, `data.degradation`: NAME -> a degradations.pipelines.PresetSpec
     "preset": {
