@@ -41,14 +41,17 @@ def test_every_preset_runs_and_reports_params(name, hr):  # a trained model (tes
     assert r.hr.shape[-2:] == (66 - 66 % s, 70 - 70 % s)
     assert r.lr.shape[-2:] == (r.hr.shape[-2] // s, r.hr.shape[-1] // s)
     assert r.lr.min() >= 0 and r.lr.max() <= 1 and torch.isfinite(r.lr).all()
-    assert r.kernel is not None and r.kernel.shape[0] == n
-    torch.testing.assert_close(r.kernel.sum((1, 2)), torch.ones(n), atol=1e-5, rtol=0)
+    if name == "bicubic":  # no blur kernel: the LR is the MATLAB bicubic of the (modcropped) HR, in 8 bits
+        assert r.kernel is None and torch.equal(r.lr, O.quantize(O.imresize(r.hr, 0.25).clamp(0, 1)))
+    else:
+        assert r.kernel is not None and r.kernel.shape[0] == n
+        torch.testing.assert_close(r.kernel.sum((1, 2)), torch.ones(n), atol=1e-5, rtol=0)
     json.dumps(r.params)  # JSON-serialisable
     json.dumps(config_dict(d))
     # same seed same output, different seed different (gaussian8 is deterministic by design)
     again = d(hr, gen(1))
     assert torch.equal(again.lr, r.lr) and again.params == r.params
-    if name != "gaussian8":
+    if name not in ("gaussian8", "bicubic"):
         assert not torch.equal(d(hr, gen(2)).lr, r.lr)
 
 

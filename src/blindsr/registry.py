@@ -28,6 +28,7 @@ REGISTRY: dict[str, dict[str, Any]] = {
     },
     # `--preset NAME`, `data.degradation`: NAME -> a degradations.pipelines.PresetSpec
     "preset": {
+        "bicubic": "blindsr.degradations.pipelines:BICUBIC",
         "classic": "blindsr.degradations.pipelines:CLASSIC",
         "blinddiff-setting1": "blindsr.degradations.pipelines:BLINDDIFF_SETTING1",
         "blinddiff-setting2": "blindsr.degradations.pipelines:BLINDDIFF_SETTING2",

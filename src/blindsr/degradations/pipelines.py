@@ -174,6 +174,23 @@ class Gaussian8(Degradation):
         return DegradeResult(x, hr, k, params)
 
 
+@dataclass
+class BicubicConfig:
+    scale: int = 4
+    quantize: bool = True  # round to 8 bits, as a saved LR file is
+
+
+class Bicubic(Degradation):
+    """The plain baseline: MATLAB bicubic ↓s (antialiased), no blur kernel, no noise (``kernel`` is None)."""
+
+    def __call__(self, hr, generator=None):
+        c = self.config
+        hr = self.check_input(hr)
+        x = O.imresize(hr, 1 / c.scale).clamp(0, 1)
+        x = O.quantize(x) if c.quantize else x
+        return DegradeResult(x, hr, None, [{"scale": c.scale} for _ in range(hr.shape[0])])
+
+
 # ------------------------------------------------------------------------------ DiffBIR stage 1
 @dataclass
 class DiffBIRStage1Config:
@@ -435,6 +452,7 @@ BLINDDIFF_SETTING2 = PresetSpec(Classic, lambda: ClassicConfig(sig_min=0.6, sig_
 BLINDDIFF_REAL = PresetSpec(Classic, lambda: ClassicConfig(sig_min=0.6, sig_max=5.0, rate_iso=0.0,
                                                            random_disturb=True, noise_max=15.0, jpeg_prob=0.75),
                             "setting 2 kernels + Gaussian noise sigma in [0, 15] + JPEG q in [40, 95] (p 0.75), x4")
+BICUBIC = PresetSpec(Bicubic, BicubicConfig, "MATLAB bicubic ↓s only (the baseline pairs), x4")
 GAUSSIAN8 = PresetSpec(Gaussian8, Gaussian8Config, "fixed iso kernels sigma 1.8..3.2, bicubic x4 (test sets)")
 DIFFBIR_STAGE1 = PresetSpec(DiffBIRStage1, DiffBIRStage1Config, "blur/down/noise/JPEG/up first order (DiffBIR Eq. 9)")
 REALESRGAN = PresetSpec(RealESRGAN, RealESRGANConfig, "Real-ESRGAN second-order degradation, x4")
