@@ -256,7 +256,12 @@ def test_web_command_errors_are_one_line(capsys, monkeypatch):
 def test_dmsr_job_and_what_it_needs(tmp_path, models, tiny_dmsr_checkpoint):
     from blindsr.methods.dmsr import pipeline as dp
 
-    assert "--dmsr-encoder FILE" in jobs.dmsr_missing(None, None)
+    from blindsr.weights import part_path
+
+    assert (jobs.dmsr_missing(None, None) is None) == part_path("dmsr-s").is_file()  # the embedded DM-SR-S
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("blindsr.weights.HERE", tmp_path)  # a copy without it
+        assert "--dmsr-encoder FILE" in jobs.dmsr_missing(None, None)
     assert jobs.dmsr_missing(str(tiny_dmsr_checkpoint), None) is None
     pipe = dp.load_pipeline(tiny_dmsr_checkpoint)
     sd_ckpt = dp.save_pipeline(pipe, tmp_path / "sd.safetensors", "sd-turbo")

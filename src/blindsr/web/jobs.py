@@ -270,8 +270,12 @@ def dmsr_missing(encoder: str | None, sd_turbo: str | None) -> str | None:
     from blindsr.methods.dmsr.pipeline import read_checkpoint
 
     if not encoder:
-        return ("no DM-SR checkpoint: start the page with `blindsr web --dmsr-encoder FILE` (no DM-SR-S model is "
-                "embedded yet; train one with `blindsr train dmsr --config configs/dmsr_s.yaml`)")
+        from blindsr.weights import part_path
+
+        if part_path("dmsr-s").is_file():
+            return None  # the embedded DM-SR-S
+        return ("no DM-SR checkpoint: start the page with `blindsr web --dmsr-encoder FILE` (this copy of blindsr "
+                "has no embedded DM-SR-S; train one with `blindsr train dmsr --config configs/dmsr_s.yaml`)")
     try:
         meta, _ = read_checkpoint(encoder)
     except BlindSRError as e:
