@@ -320,3 +320,22 @@ def test_cli_sr_method_dmsr(tmp_path, capsys, tiny_dmsr_checkpoint, monkeypatch)
         assert main(["sr", str(img), "-o", str(tmp_path / "o2"), *argv]) == 2
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1, err
+
+
+def test_embedded_dmsr_s_runs_offline(tmp_path, capsys):
+    """`blindsr sr --method dmsr photo.png` with nothing else: the embedded DM-SR-S on the embedded Prior-S."""
+    from PIL import Image
+
+    from blindsr.cli.main import main
+    from blindsr.weights import part_path
+
+    if not part_path("dmsr-s").is_file():
+        pytest.skip("this copy of blindsr has no embedded DM-SR-S")
+    img = tmp_path / "in.png"
+    Image.fromarray((torch.rand(20, 28, 3, generator=gen(5)) * 255).byte().numpy()).save(img)
+    assert main(["sr", str(img), "-o", str(tmp_path / "out"), "--method", "dmsr", "--device", "cpu"]) == 0
+    assert "t̂ " in capsys.readouterr().out
+    with Image.open(tmp_path / "out" / "in.png") as im:
+        assert im.size == (112, 80)
+    pipe = pipeline.load_pipeline(None)
+    assert pipe.prior.vae is None and pipe.config.tile == 256  # the pixel backend, its 256-pixel tiles

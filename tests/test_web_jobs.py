@@ -255,7 +255,6 @@ def test_web_command_errors_are_one_line(capsys, monkeypatch):
 
 def test_dmsr_job_and_what_it_needs(tmp_path, models, tiny_dmsr_checkpoint):
     from blindsr.methods.dmsr import pipeline as dp
-
     from blindsr.weights import part_path
 
     assert (jobs.dmsr_missing(None, None) is None) == part_path("dmsr-s").is_file()  # the embedded DM-SR-S
