@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,3 +69,28 @@ def test_config_errors(tmp_path, pairs, capsys):
     assert "rrdbnet or swinir" in capsys.readouterr().err
     assert train(tmp_path / "c", pairs, "--set", "data.scale=3") == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_sr_command_runs_a_trained_network(tmp_path, pairs, capsys):
+    from PIL import Image
+
+    run = tmp_path / "r"
+    assert train(run, pairs) == 0
+    img = tmp_path / "in.png"
+    Image.fromarray((torch.rand(20, 28, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()).save(img)
+    ckpt = str(run / "final.safetensors")
+    assert main(["sr", str(img), "-o", str(tmp_path / "o"), "--method", "srnet", "--ckpt", ckpt, "--quiet"]) == 0
+    with Image.open(tmp_path / "o" / "in.png") as im:
+        assert im.size == (112, 80)
+    assert main(["sr", str(img), "-o", str(tmp_path / "t"), "--method", "srnet", "--ckpt", ckpt, "--quiet",
+                 "--tile", "64", "--tile-overlap", "16"]) == 0  # tiles of 16 LR pixels
+    a, b = (np.asarray(Image.open(tmp_path / d / "in.png")).astype(int) for d in ("o", "t"))
+    assert np.abs(a - b).max() <= 2  # the tiny net is local but not translation-invariant at the borders
+    for bad, why in ((["--lambda", "1"], "BlindDiff option"), (["--t-hat", "3"], "not an option of --method srnet"),
+                     ([], "needs --ckpt")):
+        argv = ["sr", str(img), "-o", str(tmp_path / "x"), "--method", "srnet", *bad]
+        if why != "needs --ckpt":
+            argv += ["--ckpt", ckpt]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert why in err and err.count("\n") == 1, err

@@ -14,6 +14,7 @@ REGISTRY: dict[str, dict[str, Any]] = {
     "sr": {
         "blinddiff": "blindsr.methods.blinddiff.pipeline:load_pipeline",
         "dmsr": "blindsr.methods.dmsr.pipeline:load_pipeline",
+        "srnet": "blindsr.methods.srnet.pipeline:load_pipeline",
     },
     # `blindsr train NAME`: NAME -> recipe(RunConfig) -> Recipe
     "recipe": {

@@ -130,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "dmsr":
         pipe, opts = _dmsr(args, device)
         budget = None
+    elif args.method == "srnet":
+        pipe, opts = _srnet(args, device)
+        budget = None
     else:
         pipe, opts = _blinddiff(args, device)
         budget = sampling_budget(args.max_memory, device)  # once, after loading the model
@@ -144,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     def infer(imgs: list):
         lr = torch.stack([img.rgb for img in imgs]).to(device)
         room = None if budget is None else max(budget, 0) * len(imgs)  # --max-memory is per image of a batch
-        memory = {} if args.method == "dmsr" else {"max_memory": room}
+        memory = {"max_memory": room} if args.method == "blinddiff" else {}
         return pipe(lr, generator=[make_generator(args.seed, "cpu") for _ in imgs], **memory, **opts)
 
     def write(f: Path, img, res, i: int, dt: float) -> str:
@@ -188,10 +191,8 @@ def _blinddiff(args: argparse.Namespace, device) -> tuple:
                       tile_overlap=args.tile_overlap, return_trajectory=args.save_trajectory)
 
 
-def _dmsr(args: argparse.Namespace, device) -> tuple:
-    """The DM-SR pipeline of ``--encoder`` / ``--ckpt`` (and ``--sd-turbo``) and its per-call options."""
+def _refuse_blinddiff_options(args: argparse.Namespace, method: str) -> None:
     from blindsr.errors import BlindSRError
-    from blindsr.registry import resolve
 
     blinddiff_only = {"model": args.model, "lambda": args.lam, "norm": args.norm, "down": args.down,
                       "x0-reg": args.x0_reg, "kernel-mode": args.kernel_mode, "sampler": args.sampler,
@@ -199,7 +200,30 @@ def _dmsr(args: argparse.Namespace, device) -> tuple:
                       "save-trajectory": args.save_trajectory or None}
     given = [f"--{k}" for k, v in blinddiff_only.items() if v is not None]
     if given:
-        raise BlindSRError(f"{', '.join(given)}: BlindDiff option(s), not DM-SR's")
+        raise BlindSRError(f"{', '.join(given)}: BlindDiff option(s), not {method}'s")
+
+
+def _srnet(args: argparse.Namespace, device) -> tuple:
+    """A trained SR network (``blindsr train srnet``) from ``--ckpt``; ``--tile`` in output pixels."""
+    from blindsr.errors import BlindSRError
+    from blindsr.registry import resolve
+
+    _refuse_blinddiff_options(args, "srnet")
+    for flag in ("sd_turbo", "encoder", "t_hat", "prompt", "color_fix", "steps"):
+        if getattr(args, flag) is not None:
+            raise BlindSRError(f"--{flag.replace('_', '-')}: not an option of --method srnet")
+    pipe = resolve("sr", "srnet")(args.ckpt, device=device)
+    s = pipe.scale
+    return pipe, dict(tile=None if args.tile is None else max(args.tile // s, 8),
+                      tile_overlap=None if args.tile_overlap is None else args.tile_overlap // s)
+
+
+def _dmsr(args: argparse.Namespace, device) -> tuple:
+    """The DM-SR pipeline of ``--encoder`` / ``--ckpt`` (and ``--sd-turbo``) and its per-call options."""
+    from blindsr.errors import BlindSRError
+    from blindsr.registry import resolve
+
+    _refuse_blinddiff_options(args, "DM-SR")
     if args.ckpt and args.encoder:
         raise BlindSRError("give --encoder or --ckpt, not both")
     pipe = resolve("sr", "dmsr")(args.encoder or args.ckpt, device=device, sd_turbo=args.sd_turbo,
