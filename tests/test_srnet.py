@@ -15,7 +15,7 @@ from blindsr.models.restorers.rrdbnet import to_basicsr_keys
 from blindsr.train.logging import read_csv
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = str(REPO / "configs" / "srnet_s.yaml")
+CONFIG = str(REPO / "src" / "blindsr" / "configs" / "srnet_s.yaml")
 
 
 @pytest.fixture()

@@ -155,3 +155,27 @@ def test_uddm_fit_command(tmp_path, folders, capsys):
     assert main(["uddm", "fit", "--real-lr", str(empty), "--hr", str(hr), "-o", str(tmp_path / "e"), *tiny]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
+
+
+def test_adapt_runs_the_three_steps_and_the_report_and_resumes(tmp_path, folders, capsys):
+    import json
+
+    lr, hr = folders
+    fit = ["model.ddm.preset=tiny", "model.pddm.width=8", "model.pddm.blocks=1", "model.discriminator.width=8",
+           "data.crop=32", "data.batch_size=2", "data.cache=false", "train.max_steps=2"]
+    srn = ["model.preset=tiny", "data.crop=32", "data.batch_size=2", "train.max_steps=2"]
+    argv = ["adapt", "--real-lr", str(lr), "--hr", str(hr), "-o", str(tmp_path / "m"), "--steps", "2",
+            "--no-progress", "--device", "cpu", *[x for s in fit for x in ("--fit-set", s)],
+            *[x for s in srn for x in ("--srnet-set", s)]]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    m = tmp_path / "m"
+    for f in ("uddm/final.safetensors", "uddm/final_pddm.safetensors", "pairs/preset.json", "srnet/final.safetensors",
+              "report/report.md", "report/distribution.png", "report/side_by_side.png", "adapt.json"):
+        assert (m / f).is_file(), f
+    swd = json.loads((m / "adapt.json").read_text())["swd"]
+    assert set(swd) == {"UDDM", "realesrgan"} and all(v > 0 for v in swd.values())
+    assert "blindsr sr --method srnet --ckpt" in out
+    before = (m / "srnet" / "final.safetensors").stat().st_mtime_ns
+    assert main(argv) == 0  # finished steps are skipped
+    assert "1/4" not in capsys.readouterr().out and (m / "srnet" / "final.safetensors").stat().st_mtime_ns == before

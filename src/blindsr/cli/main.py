@@ -23,6 +23,7 @@ COMMANDS = [
     ("eval", "PSNR/SSIM (and learned metrics) of predictions against ground truth"),
     ("train", "train a model from a config file (on Accelerate)"),
     ("uddm", "learn a camera's degradation from its LR photos (UDDM): blindsr uddm fit"),
+    ("adapt", "an SR model for your camera from its LR photos alone (UDDM fit -> pairs -> SR network)"),
     ("weights", "inspect and convert checkpoints"),
     ("web", "the web page: upload, compare, download (optional extra: pip install -e \".[web]\")"),
 ]

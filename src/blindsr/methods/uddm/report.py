@@ -81,14 +81,14 @@ def _affinities(x: Tensor, perplexity: float) -> Tensor:
     return ((p + p.T) / (2 * n)).clamp_min(1e-12)
 
 
-def tsne(x: Tensor, dims: int = 2, perplexity: float = 30.0, iters: int = 500, generator: torch.Generator | None = None
+def tsne(x: Tensor, dims: int = 2, perplexity: float = 30.0, iters: int = 400, generator: torch.Generator | None = None
          ) -> Tensor:
     """Exact t-SNE (van der Maaten & Hinton 2008): early exaggeration 12 for the first 100 steps, momentum
     0.5 -> 0.8, learning rate max(n / 12, 50). Returns (n, dims)."""
     x = x.double()
     n = x.shape[0]
-    p = _affinities(x, min(perplexity, (n - 1) / 3))
-    y = torch.randn(n, dims, generator=generator, dtype=torch.float64) * 1e-4
+    p = _affinities(x, min(perplexity, (n - 1) / 3)).float()  # the descent itself in fp32 (fast enough to plot)
+    y = torch.randn(n, dims, generator=generator) * 1e-4
     vel, lr = torch.zeros_like(y), max(n / 12, 50.0)
     eye = torch.eye(n, dtype=torch.bool)
     for it in range(iters):
@@ -101,7 +101,7 @@ def tsne(x: Tensor, dims: int = 2, perplexity: float = 30.0, iters: int = 500, g
         vel = (0.5 if it < 250 else 0.8) * vel - lr * grad
         y = y + vel
         y = y - y.mean(0)
-    return y.float()
+    return y
 
 
 def scatter_png(groups: dict[str, Tensor], path: str | Path, size: int = 640, title: str = "") -> Path:
@@ -128,4 +128,43 @@ def scatter_png(groups: dict[str, Tensor], path: str | Path, size: int = 640, ti
     return Path(path)
 
 
-__all__ = ["patches", "sliced_wasserstein", "pca", "tsne", "scatter_png"]
+
+
+def make_report(real_lr: Sequence[Tensor], synthetic: Sequence[Tensor], baseline: Sequence[Tensor] | None,
+                out_dir: str | Path, seed: int = 0, baseline_name: str = "realesrgan") -> dict[str, float]:
+    """``out_dir``/side_by_side.png (real LR crops | synthetic LR crops), distribution.png (PCA -> t-SNE of
+    patches: real, synthetic and, when given, the baseline preset's LR) and report.md; returns the SWDs."""
+    from blindsr.io.visual import contact_sheet
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    sets = {"real LR": list(real_lr), "UDDM": list(synthetic)}
+    if baseline:
+        sets[baseline_name] = list(baseline)
+    feats = {k: patches(v, 8, max(4, 1000 // max(len(v), 1)), g) for k, v in sets.items()}
+    swd = {k: sliced_wasserstein(feats["real LR"], f, generator=torch.Generator().manual_seed(seed))
+           for k, f in feats.items() if k != "real LR"}
+    n = min(300, *(len(f) for f in feats.values()))  # points per set in the picture (t-SNE is O(n²))
+    picks = {k: f[torch.randperm(len(f), generator=g)[:n]] for k, f in feats.items()}
+    y = tsne(pca(torch.cat(list(picks.values())), 50), generator=g)
+    groups, i = {}, 0
+    for k in picks:
+        groups[k], i = y[i:i + n], i + n
+    scatter_png(groups, out / "distribution.png", title="PCA -> t-SNE of 8x8 LR patches (mean removed)")
+    crop = min(64, *(min(x.shape[-2:]) for v in sets.values() for x in v))
+    panels, labels = [], []
+    for k, v in sets.items():
+        for x in v[:3]:
+            panels.append(x[:, :crop, :crop])
+            labels.append(k)
+    contact_sheet(panels, labels, out / "side_by_side.png", height=4 * crop, overwrite=True)
+    lines = ["# UDDM report", "", "Sliced Wasserstein distance between 8x8 LR patches (mean removed) and the real "
+             "LR photos' (lower = closer; no network involved):", "", "| LR images | SWD to the real LR |",
+             "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in swd.items()]
+    lines += ["", "![distribution](distribution.png)", "", "![side by side](side_by_side.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    return swd
+
+
+__all__ = ["patches", "sliced_wasserstein", "pca", "tsne", "scatter_png", "make_report"]
