@@ -6,9 +6,10 @@ differentiable operators, so the degradation is content-aware and, where it matt
     LR = JPEG_q( fade_{a,b,β}( (k ⊛ HR)↓r ) + σ(x) · n )
 
 1. **blur + downsampling**: one kernel per image (``kernel="global"``: the library's ``operators.blur`` --
-   BlindDiff's BatchBlur, reflect padding, cross-correlation -- then decimation ``x[::r, ::r]``), or one kernel per
-   LR pixel (``kernel="spatial"``: the same sum with the kernel read at every output position, PDM-style unfold);
-   softmax-normalised, started as a Gaussian.
+   BlindDiff's BatchBlur, reflect padding, cross-correlation), or one kernel per LR pixel (``kernel="spatial"``:
+   the same sum with each pixel's own kernel); softmax-normalised, started as a narrow Gaussian; then MATLAB
+   bicubic ↓r (``down="bicubic"``, the classic model: a delta kernel gives exactly Eq. 5's target HR↓r) or
+   decimation ``[::r, ::r]`` (``down="stride"``, PDM's).
 2. **colour fading**: a per-channel affine ``a_c x + b_c`` then a posterisation-like activation, a blend (β) of the
    identity and a smooth staircase with ``levels`` steps: ``x - β Σ_{i=1..n} (-1)^{i+1} sin(2π i L x) / (π i L)``
    (the Fourier series of ``x - round(L x) / L``; ``n → ∞`` at β = 1 is the library's ``quantize``).
@@ -19,7 +20,7 @@ differentiable operators, so the degradation is content-aware and, where it matt
 
 The paper does not give the generator's architecture, the operator ranges or the initialisation; ours are in
 :class:`PDDMConfig` (every operator can be switched off: ``ops``). The heads start mild: a Gaussian kernel
-(``init_sigma``, 1.2 HR pixels at x4), no fading, no noise (σ ≈ 6e-5 · noise_max), JPEG quality ≈ 95.
+(``init_sigma``, 0.6 HR pixels at x4), no fading, no noise (σ ≈ 6e-5 · noise_max), JPEG quality ≈ 95.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blindsr.degradations.jpeg import jpeg_torch
-from blindsr.degradations.operators import blur, gaussian_noise
+from blindsr.degradations.operators import blur, gaussian_noise, imresize
 from blindsr.errors import BlindSRError
 
 OPS = ("blur", "fade", "noise", "jpeg")
@@ -45,7 +46,8 @@ class PDDMConfig:
     scale: int = 4                       # r: HR / LR
     kernel_size: int = 21                # blur kernel side (odd)
     kernel: str = "global"               # global (one per image) | spatial (one per LR pixel)
-    init_sigma: float = 1.2              # width of the initial Gaussian kernel, in HR pixels (x r / 4)
+    down: str = "bicubic"                # bicubic (MATLAB imresize after the blur) | stride (decimation, PDM's)
+    init_sigma: float = 0.6              # width of the initial Gaussian kernel, in HR pixels (x r / 4)
     levels: int = 32                     # steps of the posterisation staircase
     terms: int = 5                       # Fourier terms of the staircase (PDM's quantisation uses 5)
     noise_max: float = 25.0 / 255        # σ(x) in [0, noise_max]
@@ -59,6 +61,8 @@ class PDDMConfig:
             raise BlindSRError("P-DDM: scale >= 1 and an odd kernel_size are required")
         if self.kernel not in ("global", "spatial"):
             raise BlindSRError(f"P-DDM: kernel must be global or spatial, not {self.kernel!r}")
+        if self.down not in ("bicubic", "stride"):
+            raise BlindSRError(f"P-DDM: down must be bicubic or stride, not {self.down!r}")
         if unknown := set(self.ops) - set(OPS):
             raise BlindSRError(f"P-DDM: unknown operator(s) {sorted(unknown)}; choose from {', '.join(OPS)}")
         lo, hi = self.jpeg_range
@@ -80,19 +84,24 @@ class PDDMParams:
 
 
 # ------------------------------------------------------------------------------------------------ operators
-def blur_down(hr: Tensor, kernel: Tensor, scale: int) -> Tensor:
-    """``(k ⊛ hr)↓r``: BatchBlur then ``[::r, ::r]`` for (B, k, k) kernels; for (B, k², h, w) kernels the same
-    sum with each output pixel's own kernel (reflect padding as BatchBlur)."""
-    if kernel.dim() == 3:
-        return blur(hr, kernel)[..., ::scale, ::scale]
+def blur_down(hr: Tensor, kernel: Tensor, scale: int, down: str = "bicubic") -> Tensor:
+    """``(k ⊛ hr)↓r``. ``kernel``: (B, k, k), one per image (the library's ``blur``: BatchBlur), or (B, k², h, w),
+    one per LR pixel (the same cross-correlation with each pixel's own kernel, tap by tap: memory of one image).
+    ``down``: ``bicubic`` (MATLAB ``imresize``, the classic model; a delta kernel gives exactly HR↓r bicubic,
+    Eq. 5's target) or ``stride`` (decimation ``[::r, ::r]``, PDM's)."""
     b, c, H, W = hr.shape
-    k = math.isqrt(kernel.shape[1])
-    pad = (k // 2, k - 1 - k // 2) * 2
-    mode = "reflect" if k // 2 < min(H, W) else "replicate"
-    cols = F.unfold(F.pad(hr, pad, mode=mode), k, stride=scale)  # (B, C*k*k, h*w)
-    h, w = (H - 1) // scale + 1, (W - 1) // scale + 1
-    cols = cols.view(b, c, k * k, h, w)
-    return (cols * kernel[:, None]).sum(2)
+    if kernel.dim() == 3:
+        y = blur(hr, kernel)
+    else:
+        k = math.isqrt(kernel.shape[1])
+        pad = (k // 2, k - 1 - k // 2) * 2
+        xp = F.pad(hr, pad, mode="reflect" if k // 2 < min(H, W) else "replicate")
+        if down == "stride":  # each LR pixel's kernel at its decimated position
+            return sum(kernel[:, i * k + j, None] * xp[..., i:i + H:scale, j:j + W:scale]
+                       for i in range(k) for j in range(k))
+        kmap = F.interpolate(kernel, size=(H, W), mode="nearest")  # the LR pixel's kernel over its r x r block
+        y = sum(kmap[:, i * k + j, None] * xp[..., i:i + H, j:j + W] for i in range(k) for j in range(k))
+    return imresize(y, 1 / scale) if down == "bicubic" else y[..., ::scale, ::scale]
 
 
 def fade(x: Tensor, gain: Tensor, bias: Tensor, posterize: Tensor, levels: int, terms: int) -> Tensor:
@@ -112,7 +121,10 @@ def add_noise(x: Tensor, sigma: Tensor, gray: Tensor, generator: torch.Generator
 def degrade(hr: Tensor, p: PDDMParams, config: PDDMConfig, generator: torch.Generator | None = None) -> Tensor:
     """The operator chain of Eq. 5 with parameters ``p`` (the enabled ``config.ops``, in the fixed order)."""
     r, ops = config.scale, set(config.ops)
-    x = blur_down(hr, p.kernel, r) if "blur" in ops else hr[..., ::r, ::r]
+    if "blur" in ops:
+        x = blur_down(hr, p.kernel, r, config.down)
+    else:
+        x = imresize(hr, 1 / r) if config.down == "bicubic" else hr[..., ::r, ::r]
     if "fade" in ops:
         x = fade(x, p.gain, p.bias, p.posterize, config.levels, config.terms)
     if "noise" in ops:
