@@ -179,3 +179,18 @@ def test_adapt_runs_the_three_steps_and_the_report_and_resumes(tmp_path, folders
     before = (m / "srnet" / "final.safetensors").stat().st_mtime_ns
     assert main(argv) == 0  # finished steps are skipped
     assert "1/4" not in capsys.readouterr().out and (m / "srnet" / "final.safetensors").stat().st_mtime_ns == before
+
+
+def test_fit_takes_gray_16_bit_tiny_and_mixed_size_photos(tmp_path, folders):
+    """Real LR photos as they come: 16-bit gray, smaller than the crop (reflect-padded), any sizes."""
+    import numpy as np
+    from PIL import Image
+
+    _, hr = folders
+    lr = tmp_path / "odd"
+    lr.mkdir()
+    Image.fromarray((np.random.default_rng(0).random((30, 26)) * 65535).astype(np.uint16)).save(lr / "gray16.png")
+    Image.fromarray((np.random.default_rng(1).random((5, 6, 3)) * 255).astype(np.uint8)).save(lr / "tiny.png")
+    Image.fromarray((np.random.default_rng(2).random((40, 17, 3)) * 255).astype(np.uint8)).save(lr / "tall.jpg")
+    assert train(tmp_path / "r", (lr, hr), "--max-steps", "2") == 0
+    assert (tmp_path / "r" / "final_pddm.safetensors").is_file()
