@@ -117,7 +117,7 @@ def test_fusion_is_eq1_and_the_preset_writes_pairs_like_every_other(tmp_path, fo
     assert torch.allclose(ddm, d_part, atol=1e-6)
     out = tmp_path / "pairs"
     _, hr_dir = folders
-    assert main(["degrade", "--preset", "uddm", "--set", f"ckpt={run}", "--set", "w=0.5", "--set", "steps=2",
+    assert main(["degrade", "--preset", "uddm", "--ckpt", str(run), "--w", "0.5", "--set", "steps=2",
                  "--input", str(hr_dir), "--output", str(out), "--save-kernels"]) == 0
     names = sorted(p.name for p in (out / "lr").iterdir())
     assert names == sorted(p.name for p in (out / "hr").iterdir()) and len(names) == 3
@@ -131,6 +131,9 @@ def test_the_preset_refuses_a_missing_model(tmp_path, folders, capsys):
     _, hr_dir = folders
     assert main(["degrade", "--preset", "uddm", "--input", str(hr_dir), "--output", str(tmp_path / "o")]) == 2
     assert "--set ckpt=" in capsys.readouterr().err
+    assert main(["degrade", "--preset", "classic", "--w", "0.5", "--input", str(hr_dir), "--output",
+                 str(tmp_path / "o")]) == 2
+    assert "--preset uddm only" in capsys.readouterr().err
     assert main(["degrade", "--preset", "uddm", "--set", f"ckpt={tmp_path}", "--input", str(hr_dir),
                  "--output", str(tmp_path / "o2")]) != 0
     err = capsys.readouterr().err

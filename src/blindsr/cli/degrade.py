@@ -37,6 +37,8 @@ def register(subparsers, help_: str) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any preset config field (VALUE as YAML or JSON, e.g. noise_max=15 or "
                         "jpeg_range=[50,95]); repeatable")
+    p.add_argument("--ckpt", metavar="RUN", help="uddm only: the `blindsr uddm fit` run folder (= --set ckpt=RUN)")
+    p.add_argument("--w", type=float, metavar="W", help="uddm only: Eq. 1's fusion weight (= --set w=W; default 0.5)")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders of input folders")
     p.add_argument("--save-kernels", action="store_true", help="also write kernels/NAME.png and NAME.npy")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -73,6 +75,12 @@ def build_degradation(args):
         if not hasattr(cfg, "scale"):
             raise BlindSRError(f"--scale: preset {args.preset} keeps the image size (it has no scale)")
         overrides["scale"] = args.scale
+    for flag, key in (("--ckpt", "ckpt"), ("--w", "w")):
+        value = getattr(args, key)
+        if value is not None:
+            if args.preset != "uddm":
+                raise BlindSRError(f"{flag} applies to --preset uddm only")
+            overrides[key] = value
     if args.kernel_index is not None:
         if args.preset != "gaussian8":
             raise BlindSRError("--kernel-index applies to --preset gaussian8 only")

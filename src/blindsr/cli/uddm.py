@@ -1,7 +1,7 @@
 """``blindsr uddm fit``: learn a camera's degradation from its LR photos (UDDM: the DDM + P-DDM, issue 12).
 
     blindsr uddm fit --real-lr my_photos/ --hr clean_hr/ -o runs/my_camera        (--resume auto to continue)
-    blindsr degrade --preset uddm --set ckpt=runs/my_camera --set w=0.5 --input clean_hr/ --output pairs/
+    blindsr degrade --preset uddm --ckpt runs/my_camera --w 0.5 --input clean_hr/ --output pairs/
 
 The photos need no ground truth: the DDM learns "extremely downsampled -> real LR" on them, P-DDM learns to turn
 the HR images into LR images the discriminator cannot tell from them. Defaults: src/blindsr/configs/uddm_s.yaml
@@ -53,5 +53,5 @@ def fit(args: argparse.Namespace) -> int:
         cfg.train.time_limit_min = args.minutes
     res = run_training(cfg, device=args.device, resume=args.resume, progress=not args.no_progress)
     print(f"trained to step {res.step}; DDM: {res.final}; P-DDM: {Path(res.final).with_name('final_pddm.safetensors')}")
-    print(f"pairs: blindsr degrade --preset uddm --set ckpt={args.output} --set w=0.5 --input HR --output PAIRS")
+    print(f"pairs: blindsr degrade --preset uddm --ckpt {args.output} --w 0.5 --input HR --output PAIRS")
     return 0

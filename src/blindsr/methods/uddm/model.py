@@ -3,7 +3,7 @@
 ``x = (1 − w) · DDM(HR) + w · P-DDM(HR)`` (Eq. 1; w = 0.5 by default, Table 2 sweeps 0, 0.5, 1). A run folder of
 ``blindsr train uddm`` (or its ``final.safetensors``) loads with :func:`load_uddm`; the preset
 
-    blindsr degrade --preset uddm --set ckpt=RUN --set w=0.5 --input HR_DIR --output PAIRS
+    blindsr degrade --preset uddm --ckpt RUN --w 0.5 --input HR_DIR --output PAIRS      (= --set ckpt=RUN --set w=0.5)
 
 writes pairs with the same layout and manifest as every other preset (``register_preset`` is not needed: the
 registry names it).
@@ -108,7 +108,7 @@ class UDDMDegradation(Degradation):
     def validate(self) -> None:
         super().validate()
         if not self.config.ckpt:
-            raise BlindSRError("preset uddm: give the trained model: --set ckpt=RUN_FOLDER")
+            raise BlindSRError("preset uddm: give the trained model: --ckpt RUN_FOLDER (or --set ckpt=RUN_FOLDER)")
         if not 0 <= self.config.w <= 1:
             raise BlindSRError(f"preset uddm: w must be in [0, 1], got {self.config.w}")
         model = _cached(str(Path(self.config.ckpt).resolve()))  # a missing or wrong model fails here, once
