@@ -79,7 +79,7 @@ def test_sr_command_runs_a_trained_network(tmp_path, pairs, capsys):
     img = tmp_path / "in.png"
     Image.fromarray((torch.rand(20, 28, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()).save(img)
     ckpt = str(run / "final.safetensors")
-    assert main(["sr", str(img), "-o", str(tmp_path / "o"), "--method", "srnet", "--ckpt", ckpt, "--quiet"]) == 0
+    assert main(["sr", str(img), "-o", str(tmp_path / "o"), "--ckpt", ckpt, "--quiet"]) == 0  # method from the file
     with Image.open(tmp_path / "o" / "in.png") as im:
         assert im.size == (112, 80)
     assert main(["sr", str(img), "-o", str(tmp_path / "t"), "--method", "srnet", "--ckpt", ckpt, "--quiet",

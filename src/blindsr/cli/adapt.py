@@ -1,7 +1,7 @@
 """``blindsr adapt``: an SR model for YOUR camera from its LR photos alone (UDDM, issue 12), in three steps.
 
     blindsr adapt --real-lr my_photos/ --hr clean_hr/ -o my_model/
-    blindsr sr --method srnet --ckpt my_model/srnet/final.safetensors photo.png -o out/
+    blindsr sr --ckpt my_model/srnet/final.safetensors photo.png -o out/      (the method is read from the file)
 
 1. ``my_model/uddm``   learn the camera's degradation (= ``blindsr uddm fit``; about 40 min on 2 CPU cores)
 2. ``my_model/pairs``  degrade the HR images like the camera does (= ``blindsr degrade --preset uddm``)
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     swd = _report(args, pairs, out / "report")
     (out / "adapt.json").write_text(json.dumps({"real_lr": str(args.real_lr), "hr": str(args.hr), "w": args.w,
                                                 "steps": args.steps, "swd": swd}, indent=1) + "\n")
-    print(f"done: blindsr sr --method srnet --ckpt {srnet / 'final.safetensors'} PHOTO -o OUT   "
+    print(f"done: blindsr sr --ckpt {srnet / 'final.safetensors'} PHOTO -o OUT   "
           f"(SWD to your photos: " + ", ".join(f"{k} {v:.4f}" for k, v in swd.items()) + ")")
     return 0
 

@@ -35,8 +35,8 @@ def register(subparsers, help_: str) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
     p.add_argument("-o", "--output", default=DEFAULT_OUTPUT, metavar="OUTDIR",
                    help=f"output folder (default: ./{DEFAULT_OUTPUT})")
-    p.add_argument("--method", default=names("sr")[0], choices=names("sr"),
-                   help=f"SR method (default: {names('sr')[0]})")
+    p.add_argument("--method", choices=names("sr"),
+                   help=f"SR method (default: the one that wrote --ckpt's safetensors, else {names('sr')[0]})")
     from blindsr.weights import DEFAULT_MODEL, EMBEDDED
 
     p.add_argument("--model", action=_ModelAction, metavar="NAME",
@@ -113,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise BlindSRError("--batch-size must be at least 1")
+    if args.method is None:
+        args.method = _method_of(args.ckpt or args.encoder)
     if args.steps is not None and args.steps < 1:
         raise BlindSRError("--steps must be at least 1")
     items = collect_inputs(args.inputs, args.recursive)
@@ -189,6 +191,20 @@ def _blinddiff(args: argparse.Namespace, device) -> tuple:
     return pipe, dict(steps=args.steps, lam=args.lam, norm=args.norm, down=args.down, x0_reg=args.x0_reg,
                       kernel_mode=args.kernel_mode, sampler=args.sampler, start=args.start, tile=args.tile,
                       tile_overlap=args.tile_overlap, return_trajectory=args.save_trajectory)
+
+
+def _method_of(ckpt: str | None) -> str:
+    """The method a blindsr safetensors checkpoint names in its metadata (``srnet``, ``dmsr``); else blinddiff
+    (official ``.pth`` files and the embedded models)."""
+    from blindsr.registry import names
+
+    if ckpt and str(ckpt).endswith(".safetensors") and Path(ckpt).is_file():
+        from blindsr.io.weights import load_safetensors_metadata
+
+        method = load_safetensors_metadata(ckpt).get("method")
+        if method in names("sr"):
+            return method
+    return "blinddiff"
 
 
 def _refuse_blinddiff_options(args: argparse.Namespace, method: str) -> None:
