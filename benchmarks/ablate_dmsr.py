@@ -8,7 +8,8 @@ default start of 200 would leave it off. One CPU thread per run:
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ablate_dmsr.py --steps 100 --md docs/training/dmsr_ablation.md
 
-Runs land in ``runs/dmsr_ablate/<variant>`` (resumable: a finished run is not trained again).
+Runs land in ``runs/dmsr_ablate/<variant>`` (resumable: a finished run is not trained again; ``--variants`` with
+``--train-only`` splits the training over processes, a last call without them evaluates).
 """
 
 from __future__ import annotations
@@ -66,9 +67,15 @@ def main() -> None:
     ap.add_argument("--presets", nargs="+", default=["resshift"])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "val"))
     ap.add_argument("--md", help="also write the table as Markdown here")
+    ap.add_argument("--variants", nargs="+", choices=[slug(v) for v in VARIANTS], help="train only these (e.g. two "
+                    "processes on two cores); the table needs them all")
+    ap.add_argument("--train-only", action="store_true", help="train, do not evaluate")
     args = ap.parse_args()
 
-    finals = {name: train(name, sets, args) for name, sets in VARIANTS.items()}
+    chosen = {k: v for k, v in VARIANTS.items() if not args.variants or slug(k) in args.variants}
+    finals = {name: train(name, sets, args) for name, sets in chosen.items()}
+    if args.train_only:
+        return
     torch.set_grad_enabled(False)
     cols = [f"{s} / {p}" for s in args.sets for p in args.presets]
     lines = ["| variant | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
