@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from eval_dmsr import pairs, scores  # noqa: E402
+from eval_dmsr import cell, pairs, scores  # noqa: E402
 
 from blindsr.methods.dmsr.pipeline import load_pipeline  # noqa: E402
 
@@ -84,9 +84,8 @@ def main() -> None:
         cells = []
         for s in args.sets:
             for preset in args.presets:
-                v = [scores(pipe(lr).sr, hr, lr) for _, lr, hr in pairs(Path(args.data) / s, preset, None)]
-                m = [sum(x[i] for x in v) / len(v) for i in range(3)]
-                cells.append(f"{m[0]:.2f} / {m[1]:.4f} / {m[2]:.2f}")
+                cells.append(cell([scores(pipe(lr).sr, hr, lr) for _, lr, hr in pairs(Path(args.data) / s, preset,
+                                                                                     None)]))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
         print(lines[-1], file=sys.stderr, flush=True)
     text = (f"PSNR / SSIM (Y, border 4) / LR-consistency PSNR, x4, after {args.steps} fine-tuning iterations from "

@@ -51,6 +51,12 @@ def scores(sr: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor) -> tuple[float,
             psnr(back[0], lr[0]))
 
 
+def cell(v: list[tuple[float, float, float]]) -> str:
+    """The mean PSNR / SSIM / LR consistency of a list of ``scores`` as one table cell (nan when empty)."""
+    m = [sum(x[i] for x in v) / len(v) for i in range(3)] if v else [math.nan] * 3
+    return f"{m[0]:.2f} / {m[1]:.4f} / {m[2]:.2f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", help="the DM-SR checkpoint (omit for the bicubic / baseline / BlindDiff rows alone)")
@@ -105,11 +111,7 @@ def main() -> None:
     cols = [f"{s} / {p}" for s in args.sets for p in args.presets]
     lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for row, by_col in rows.items():
-        cells = []
-        for c in cols:
-            v = by_col.get(c, [])
-            m = [sum(x[i] for x in v) / len(v) for i in range(3)] if v else [math.nan] * 3
-            cells.append(f"{m[0]:.2f} / {m[1]:.4f} / {m[2]:.2f}")
+        cells = [cell(by_col.get(c, [])) for c in cols]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     rmse = math.sqrt(sum(e * e for e in t_err) / len(t_err)) if t_err else math.nan
     text = ("PSNR / SSIM (Y, border 4) / LR-consistency PSNR, x4\n\n" + "\n".join(lines)
