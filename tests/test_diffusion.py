@@ -177,6 +177,9 @@ def test_space_timesteps_specs():
     s = space_timesteps(300, "10,15,20")
     assert len(s) == 45 and s[0] == 0 and s[9] == 99 and s[10] == 100 and s[-1] == 299
     assert space_timesteps(100, 100) == list(range(100))
+    # the stride is accumulated in floats as IDDPM / guided-diffusion / LDM do (round(j * stride) would give 500
+    # and 278 here): the official codes' steps for every count, not only for 50, 100, 200, 250, 1000
+    assert space_timesteps(1000, 21)[10] == 499 and space_timesteps(1000, 199)[55] == 277
     with pytest.raises(BlindSRError):
         space_timesteps(100, "ddim33")
     with pytest.raises(BlindSRError):

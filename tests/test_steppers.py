@@ -126,17 +126,23 @@ STEP_COUNTS = [1, 2, 3, 7, 10, 20, 25, 30, 49, 50, 51, 99, 100, 250, 333, 500, 5
 
 
 @pytest.mark.parametrize("steps", [*STEP_COUNTS, 1000])
-def test_linspace_timesteps_match_diffusers_ddpm(steps):
-    """IDDPM respacing, round((T - 1) j / (N - 1)) with Python's half-to-even round, == diffusers' linspace
-    (numpy's round, also half to even), for every N tried (an exhaustive check over 1..1000 also passes).
-    Except N = 1 on purpose: both keep t = 0 only, where a one-step sampler returns its noise; ours is T - 1."""
+def test_linspace_timesteps_are_iddpm_respacing(steps):
+    """IDDPM respacing (guided-diffusion, BlindDiff, LDM/StableSR): the stride (T - 1)/(N - 1) accumulated in
+    floats, each position rounded half to even. diffusers' linspace rounds j (T - 1)/(N - 1) directly, which
+    lands one step off for some N (e.g. 501): at most 1 apart. N = 1 on purpose: both keep t = 0 only, where a
+    one-step sampler returns its noise; ours is T - 1."""
     ref = set_timesteps(DDPMScheduler(num_train_timesteps=T, timestep_spacing="linspace"), steps)
     ours = timesteps_for("linspace", steps, T)
     if steps == 1:
         assert ref.timesteps.tolist() == [0] and ours == [T - 1]
         return
-    assert ours == sorted(ref.timesteps.tolist())
+    position, iddpm = 0.0, []
+    for _ in range(steps):
+        iddpm.append(round(position))
+        position += (T - 1) / (steps - 1)
+    assert ours == iddpm
     assert len(ours) == steps and ours[0] == 0 and ours[-1] == T - 1
+    assert max(abs(a - b) for a, b in zip(ours, sorted(ref.timesteps.tolist()), strict=True)) <= 1
 
 
 @pytest.mark.parametrize("steps", STEP_COUNTS)

@@ -19,7 +19,8 @@ def space_timesteps(num_timesteps: int, spec: int | str | list[int]) -> list[int
 
     ``spec``: ``"ddimN"`` keeps N steps with a fixed integer stride from 0 (DDIM's "uniform" spacing);
     otherwise a count or comma-separated counts, one per equal section of the original steps, each section
-    sampled at evenly spaced (rounded) positions including its first and last step (``"500"``: 0, 2, 4, ...).
+    sampled at evenly spaced positions (the stride accumulated in floats, then rounded, as the official codes)
+    including its first and last step (``"500"``: 0, 2, 4, ...).
     """
     T = num_timesteps
     if isinstance(spec, str) and spec.startswith("ddim"):
@@ -46,19 +47,27 @@ def space_timesteps(num_timesteps: int, spec: int | str | list[int]) -> list[int
         if count > size:
             raise BlindSRError(f"cannot take {count} steps from a section of {size} (spacing {spec!r}, T={T})")
         stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
-        kept += [start + round(j * stride) for j in range(count)]
+        position = 0.0  # accumulated in floats, as IDDPM / guided-diffusion / LDM do: round(j * stride) differs
+        for _ in range(count):  # for e.g. 199 of 1000 steps
+            kept.append(start + round(position))
+            position += stride
         start += size
     return sorted(set(kept))
 
 
-def respaced(diffusion: GaussianDiffusion, use_timesteps: list[int] | set[int]) -> GaussianDiffusion:
-    """The process restricted to ``use_timesteps`` (indices into ``diffusion``); timestep_map composes."""
+def respaced(diffusion: GaussianDiffusion, use_timesteps: list[int] | set[int],
+             table_dtype: torch.dtype = torch.float64) -> GaussianDiffusion:
+    """The process restricted to ``use_timesteps`` (indices into ``diffusion``); timestep_map composes.
+
+    ``table_dtype``: the precision in which beta'_i = 1 - alpha_bar[s_i] / alpha_bar[s_{i-1}] is computed.
+    float32 reproduces LDM-based code (StableSR's samplers), which respaces from the model's float32
+    ``alphas_cumprod`` buffer; its posterior log variances differ from the float64 ones by up to ~6e-6."""
     keep = torch.tensor(sorted(set(int(i) for i in use_timesteps)), dtype=torch.long)
     if keep.numel() == 0 or keep[0] < 0 or keep[-1] >= diffusion.num_timesteps:
         raise BlindSRError(f"respacing indices must lie in [0, {diffusion.num_timesteps})")
-    abar = diffusion.alphas_cumprod[keep]
+    abar = diffusion.alphas_cumprod[keep].to(table_dtype)
     prev = torch.cat([abar.new_ones(1), abar[:-1]])
-    return GaussianDiffusion(1.0 - abar / prev, timestep_map=diffusion.timestep_map[keep])
+    return GaussianDiffusion((1.0 - abar / prev).double(), timestep_map=diffusion.timestep_map[keep])
 
 
 def make_diffusion(steps: int = 1000, schedule: str = "linear", respacing: int | str | None = None,

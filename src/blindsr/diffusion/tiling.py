@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from blindsr.diffusion.samplers import ModelFn, ModelOutput
-from blindsr.ops.tiling import Box, gaussian_window, tile_boxes
+from blindsr.ops.tiling import Box, gaussian_window, stablesr_window, tile_boxes
 
 
 @dataclass
@@ -113,19 +113,25 @@ class _TiledVJP(torch.autograd.Function):
 
 
 def tiled(model_fn: ModelFn, tile: int, overlap: int = 32, *, align: int = 8, sigma: float = 0.25,
-          pass_box: bool = False, checkpoint: bool = True, on_tile: Callable[[], object] | None = None) -> ModelFn:
+          pass_box: bool = False, checkpoint: bool = True, on_tile: Callable[[], object] | None = None,
+          window: str = "gaussian", order: str = "yx") -> ModelFn:
     """Wrap ``model_fn`` so it runs on overlapping tiles and blends their outputs (same denoiser contract).
 
     ``checkpoint``: when the input requires a gradient (guidance), keep no tile's graph and recompute the tiles
     in the backward pass (exact gradient, one tile's memory; see the module docstring). ``False`` keeps every
     tile's graph (no second forward, the memory of the whole image). An input that fits one tile is one plain
-    call either way. ``on_tile``: called after every tile's forward pass (progress bars)."""
+    call either way. ``on_tile``: called after every tile's forward pass (progress bars).
+    ``window``: ``gaussian`` (``sigma`` x the tile) or ``stablesr`` (StableSR's official float64 weights,
+    ``ops.tiling.stablesr_window``; ``sigma`` unused); ``order``: the tile order of ``ops.tiling.tile_boxes``
+    (``xy`` = StableSR's x-major canvas loop)."""
     if tile <= 0 or overlap < 0 or overlap >= tile:
         raise ValueError(f"need 0 <= overlap < tile (got tile={tile}, overlap={overlap})")
+    if window not in ("gaussian", "stablesr"):
+        raise ValueError(f"tile window must be 'gaussian' or 'stablesr', not {window!r}")
 
     def fn(x: Tensor, t: Tensor) -> ModelOutput:
         H, W = x.shape[-2:]
-        boxes = tile_boxes(H, W, tile, overlap, align)
+        boxes = tile_boxes(H, W, tile, overlap, align, order)
 
         def run(xi: Tensor, box: Box) -> ModelOutput:
             return model_fn(xi, t, box=box) if pass_box else model_fn(xi, t)
@@ -135,7 +141,12 @@ def tiled(model_fn: ModelFn, tile: int, overlap: int = 32, *, align: int = 8, si
             if on_tile is not None:
                 on_tile()
             return out
-        mask = gaussian_window(boxes[0].height, boxes[0].width, sigma, x.device)
+        h, w = boxes[0].height, boxes[0].width
+        if window == "stablesr":  # float64 as the official weights, where the device has it
+            mask = stablesr_window(h, w, device=x.device,
+                                   dtype=torch.float32 if x.device.type == "mps" else torch.float64)
+        else:
+            mask = gaussian_window(h, w, sigma, x.device)
         wsum = torch.zeros(H, W, device=x.device, dtype=torch.float32)
         for b in boxes:
             wsum[b.slices] += mask

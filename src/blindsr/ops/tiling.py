@@ -9,12 +9,14 @@ Every tiler in blindsr is built from these pieces:
   ramps).
 
 Windows (:func:`tile_boxes`) are ``tile`` x ``tile`` boxes every ``tile - overlap`` grid units, the last row /
-column flush with the border. Each output window is weighted (:func:`gaussian_window` or :func:`ramp_window`),
+column flush with the border (:func:`tile_boxes` lists them row- or column-major). Each output window is
+weighted (:func:`gaussian_window`, StableSR's :func:`stablesr_window` or :func:`ramp_window`),
 summed into a canvas with :class:`Accumulator`, and the canvas divided by the summed weights.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -53,14 +55,22 @@ def tile_starts(size: int, tile: int, stride: int) -> list[int]:
     return sorted(set(range(0, size - tile, stride)) | {size - tile})
 
 
-def tile_boxes(height: int, width: int, tile: int, overlap: int, align: int = 1) -> list[Box]:
-    """Windows covering (height, width); sizes, strides and starts are multiples of ``align``."""
+def tile_boxes(height: int, width: int, tile: int, overlap: int, align: int = 1, order: str = "yx") -> list[Box]:
+    """Windows covering (height, width); sizes, strides and starts are multiples of ``align``.
+
+    ``order``: ``yx`` (row by row) or ``xy`` (column by column: StableSR's canvas loop, whose outer loop runs
+    over x offsets). The placement is the same; only the order of the windows (and so of the sums) changes."""
     if height % align or width % align:
         raise ValueError(f"image size {height}x{width} must be a multiple of {align} for tiling")
+    if order not in ("yx", "xy"):
+        raise ValueError(f"tile order must be 'yx' or 'xy', not {order!r}")
     tile = max(align, tile // align * align)
     th, tw = min(tile, height), min(tile, width)
     stride = max(align, (tile - overlap) // align * align)
-    return [Box(y, x, th, tw) for y in tile_starts(height, th, stride) for x in tile_starts(width, tw, stride)]
+    ys, xs = tile_starts(height, th, stride), tile_starts(width, tw, stride)
+    if order == "xy":
+        return [Box(y, x, th, tw) for x in xs for y in ys]
+    return [Box(y, x, th, tw) for y in ys for x in xs]
 
 
 def gaussian_window(height: int, width: int, sigma: float = 0.25, device=None) -> Tensor:
@@ -70,6 +80,18 @@ def gaussian_window(height: int, width: int, sigma: float = 0.25, device=None) -
         u = torch.arange(n, device=device, dtype=torch.float32) - (n - 1) / 2
         return torch.exp(-(u**2) / (2 * (sigma * n) ** 2))
     return g(height)[:, None] * g(width)[None, :]
+
+
+def stablesr_window(height: int, width: int, var: float = 0.01, device=None,
+                    dtype: torch.dtype = torch.float64) -> Tensor:
+    """StableSR's official tile weights (``_gaussian_weights``, README §4.6), float64 as there (``dtype``:
+    float32 where a device has no float64, e.g. MPS): ``outer(p_y, p_x)`` with
+    ``p(i) = exp(-(i - m)^2 / (n^2 * 2 var)) / sqrt(2 pi var)``, the centre ``m = (n - 1) / 2`` along x but
+    ``n / 2`` along y (the official asymmetry, kept)."""
+    def p(n: int, m: float) -> Tensor:
+        i = torch.arange(n, device=device, dtype=dtype)
+        return torch.exp(-((i - m) ** 2) / (n * n * 2 * var)) / math.sqrt(2 * math.pi * var)
+    return p(height, height / 2)[:, None] * p(width, (width - 1) / 2)[None, :]
 
 
 def ramp_window(box: Box, grid: tuple[int, int], ramp: int, device=None) -> Tensor:
