@@ -125,6 +125,12 @@ def test_fusion_is_eq1_and_the_preset_writes_pairs_like_every_other(tmp_path, fo
     assert len(lines) == 3 and lines[0]["params"]["w"] == 0.5
     assert json.loads((out / "preset.json").read_text())["preset"] == "uddm"
     assert (out / "kernels").is_dir()
+    # a long image shows the reverse diffusion's own progress: one report per DDM step
+    from blindsr.degradations.pipelines import get_preset
+    deg, reports = get_preset("uddm", ckpt=str(run), w=0.5, steps=3), []
+    deg.progress = lambda done, total: reports.append((done, total))
+    deg(hr, torch.Generator().manual_seed(0))
+    assert reports == [(i, 3) for i in range(4)]
 
 
 def test_the_preset_refuses_a_missing_model(tmp_path, folders, capsys):

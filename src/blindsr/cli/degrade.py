@@ -118,6 +118,7 @@ def run(args) -> int:
     all_sigmas = args.preset == "gaussian8" and deg.config.kernel_index is None
     records: list[dict] = []
     bar = tqdm(total=len(files), desc="degrade", unit="img", disable=None)
+    deg.progress = not bar.disable  # a preset's own per-image bar (uddm: its reverse diffusion)
 
     def process(path: Path) -> None:
         name = names[path]

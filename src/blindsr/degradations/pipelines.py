@@ -44,10 +44,14 @@ class DegradeResult:
 
 
 class Degradation:
-    """Base class: a named preset with a dataclass ``config``; call it on HR images (B, C, H, W)."""
+    """Base class: a named preset with a dataclass ``config``; call it on HR images (B, C, H, W).
+
+    ``progress`` (``ops.progress``: False, True or a callable) is for presets whose one image is long work (the
+    ``uddm`` preset's reverse diffusion); the others ignore it."""
 
     def __init__(self, config, name: str):
         self.config, self.name = config, name
+        self.progress = False
         self.validate()
 
     @property

@@ -1,7 +1,7 @@
 """UDDM (Chen et al., AAAI 2025): unsupervised degradation modelling from unpaired real LR photos (issue 12).
 
-So far: P-DDM, the physics-based degradation network (``pddm``), and the DDM's pixel backend (``ddm``: the
-conditional diffusion model from an extremely downsampled image to a real LR, its loss and tiled synthesis).
-Not built yet: the fusion and synthesis of pairs, the ``uddm`` training recipe, ``blindsr uddm fit`` / ``degrade
---preset uddm`` / ``train srnet`` / ``adapt``, the stablesr backend.
+``pddm`` (P-DDM, the physics-based degradation network), ``ddm`` (the conditional diffusion model from an extremely
+downsampled image to a real LR: the ``pixel`` backend, and ``ddm_stablesr``, the paper's StableSR backend),
+``recipe`` (``blindsr train uddm`` / ``uddm fit``), ``model`` (loading, Eq. 1's fusion, the ``uddm`` preset) and
+``report`` (side by side crops, PCA -> t-SNE, the sliced Wasserstein distance). See docs/uddm.md.
 """

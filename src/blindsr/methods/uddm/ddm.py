@@ -11,6 +11,10 @@ to a real-looking LR image, trained on real LR photos only.
   Gaussian-blended tiles for any size (``diffusion.tiling.tiled``; each tile sees its crop of the condition).
 
 ``s`` is not given in the paper (its Fig. 4b sweeps it): ``DDMConfig.s`` = 4 until our own sweep chooses.
+
+Two backends, one method (``DDMConfig.backend``): ``pixel`` (this module, the default) and ``stablesr`` -- the
+paper's DDM on StableSR (SD 2.1 frozen + the trainable time-aware encoder and SFT layers, on VAE latents),
+configured by :class:`StableSRDDM` and implemented in ``ddm_stablesr.py``; :func:`synthesize` serves both.
 """
 
 from __future__ import annotations
@@ -40,6 +44,31 @@ def ddm_unet_config(base: PriorUNetConfig | None = None) -> PriorUNetConfig:
     return replace(base or PriorUNetConfig(), in_channels=6, out_channels=3)
 
 
+BACKENDS = ("pixel", "stablesr")
+
+
+@dataclass
+class StableSRDDM:
+    """The ``stablesr`` backend's parts and synthesis tiles (``model.ddm.stablesr``; ``ddm_stablesr.py``)."""
+
+    weights: str = ""          # a StableSR stage-1 .ckpt, or an SD 2.1-base checkpoint / diffusers folder to start
+    #                            from (fresh encoder + SPADE); "" = random init (tests only)
+    size: str = "full"         # full (SD 2.1 + the released encoder) | tiny (the conformance fixture's sizes; tests)
+    tile: int = 64             # synthesis tile in latent pixels (official 64 = 512 image px; 0: never tile)
+    overlap: int = 32          # latent overlap of the aggregation tiles (official 32)
+    context: str = "text"      # the null text context: text = the weights' text encoder on "" (official);
+    #                            zeros = a fixed (1, 77, C) zero context (always so for random init)
+    posterior: str = "sample"  # VAE latents: a posterior sample (official get_first_stage_encoding) | mode
+
+    def __post_init__(self) -> None:
+        choices = {"size": ("full", "tiny"), "context": ("text", "zeros"), "posterior": ("sample", "mode")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise BlindSRError(f"DDM stablesr: {name} {getattr(self, name)!r}: choose {' or '.join(allowed)}")
+        if self.tile < 0 or (self.tile and not 0 <= self.overlap < self.tile):
+            raise BlindSRError("DDM stablesr: tile must be >= 0 (0: never) and 0 <= overlap < tile")
+
+
 @dataclass
 class DDMConfig:
     """The DDM's architecture, process and sampler (paper-silent choices named)."""
@@ -50,8 +79,13 @@ class DDMConfig:
     sample_steps: int = 200   # DDPM steps at synthesis (paper: 200)
     tile: int = 256           # synthesis tile in LR pixels (0: never); a multiple of the UNet's levels
     overlap: int = 64
+    backend: str = "pixel"    # pixel (the fields above) | stablesr (the paper's: ``stablesr`` below, its own
+    #                           process: stablesr.base_process, the LDM linear 1000 steps)
+    stablesr: StableSRDDM = field(default_factory=StableSRDDM)
 
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise BlindSRError(f"DDM: backend {self.backend!r}: choose {' or '.join(BACKENDS)}")
         if self.s < 1 or self.sample_steps < 1:
             raise BlindSRError("DDM: s >= 1 and sample_steps >= 1 are required")
         if self.unet.in_channels != 6 or self.unet.out_channels != 3:
@@ -93,7 +127,13 @@ def synthesize(unet: nn.Module, config: DDMConfig, cond: Tensor, generator: Gene
                steps: int | None = None, progress: Progress = False) -> Tensor:
     """Reverse diffusion from noise to an LR image (B, 3, h, w) in [0, 1] given its condition (B, 3, h, w).
 
-    ``generator``: one, or one per image (image i then does not depend on the batch it is in)."""
+    ``generator``: one, or one per image (image i then does not depend on the batch it is in). With
+    ``config.backend == "stablesr"`` ``unet`` is the backend's module (``ddm_stablesr.StableSRDDMNet``) and the
+    work is :func:`ddm_stablesr.synthesize_stablesr`'s."""
+    if config.backend == "stablesr":
+        from blindsr.methods.uddm.ddm_stablesr import synthesize_stablesr
+
+        return synthesize_stablesr(unet, config, cond, generator, steps, progress)
     m = config.unet.multiple
     h, w = cond.shape[-2:]
     c = pad_to_multiple(cond, m, mode="reflect")
@@ -115,4 +155,4 @@ def synthesize(unet: nn.Module, config: DDMConfig, cond: Tensor, generator: Gene
     return ((x0[..., :h, :w].float() + 1) / 2).clamp(0, 1)
 
 
-__all__ = ["DDMConfig", "ddm_unet_config", "condition", "predict", "ddm_loss", "synthesize"]
+__all__ = ["BACKENDS", "DDMConfig", "StableSRDDM", "ddm_unet_config", "condition", "predict", "ddm_loss", "synthesize"]

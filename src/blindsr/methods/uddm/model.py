@@ -34,7 +34,8 @@ def fuse(ddm_lr: Tensor, pddm_lr: Tensor, w: float | Tensor) -> Tensor:
 
 @dataclass
 class UDDMModel:
-    """The DDM's UNet with its config, and P-DDM (both frozen, eval mode)."""
+    """The DDM (the pixel backend's UNet, or the stablesr backend's ``StableSRDDMNet``; ``ddm_config.backend``
+    says which) with its config, and P-DDM (both frozen, eval mode)."""
 
     ddm: nn.Module
     ddm_config: DDMConfig
@@ -63,9 +64,13 @@ class UDDMModel:
         return fuse(parts[0], parts[1], w).clamp(0, 1)
 
 
-def load_uddm(path: str | Path, device: str | torch.device = "cpu") -> UDDMModel:
+def load_uddm(path: str | Path, device: str | torch.device = "cpu",
+              base_weights: str | Path | None = None) -> UDDMModel:
     """A run folder of ``blindsr train uddm`` (``final.safetensors`` + ``final_pddm.safetensors``) or the
-    path of its ``final.safetensors``; strict loading, frozen."""
+    path of its ``final.safetensors``; strict loading, frozen.
+
+    The stablesr backend's ``final.safetensors`` holds only the trainable part (encoder + SPADE); the frozen
+    SD part is rebuilt from the base weights its metadata names (``base_weights``: another path for them)."""
     from blindsr.io.weights import check_finite, load_into, load_safetensors_metadata, load_state_dict
     from blindsr.methods.prior.model import build_unet
 
@@ -81,7 +86,12 @@ def load_uddm(path: str | Path, device: str | torch.device = "cpu") -> UDDMModel
     cfg = json.loads(meta["config"])
     ddm_cfg = from_dict(DDMConfig, cfg["ddm"], "ddm")
     pddm = PDDM(from_dict(PDDMConfig, cfg["pddm"], "pddm"))
-    unet = build_unet(ddm_cfg.unet)
+    if ddm_cfg.backend == "stablesr":
+        from blindsr.methods.uddm.ddm_stablesr import build_ddm_net
+
+        unet: nn.Module = build_ddm_net(ddm_cfg.stablesr, base_weights)
+    else:
+        unet = build_unet(ddm_cfg.unet)
     for module, f in ((unet, final), (pddm, pddm_file)):
         sd = load_state_dict(f)
         check_finite(sd, f)
@@ -118,7 +128,7 @@ class UDDMDegradation(Degradation):
     def __call__(self, hr: Tensor, generator: torch.Generator | None = None) -> DegradeResult:
         hr = self.check_input(hr)
         model = _cached(str(Path(self.config.ckpt).resolve()))
-        lr = model(hr.float(), self.config.w, generator, self.config.steps)
+        lr = model(hr.float(), self.config.w, generator, self.config.steps, self.progress)
         kernel = None
         if self.config.w != 0 and model.pddm.config.kernel == "global" and "blur" in model.pddm.config.ops:
             with torch.no_grad():

@@ -11,6 +11,10 @@ iteration runs three sub-steps on the same batch:
 Paper-silent choices (``loss`` section): α = 0.05, the hinge GAN loss, the squared L2 as a mean (MSE), the
 adversarial term from the first step. ``final.safetensors`` is the DDM's EMA UNet, ``final_pddm.safetensors``
 P-DDM's (and ``final_discriminator.safetensors``); the metadata ``config`` holds both architectures.
+
+``model.ddm.backend: stablesr`` (``ddm_stablesr.py``) makes the "ddm" module the StableSR DDM's trainable part
+(time-aware encoder + SPADE layers; the SD UNet / VAE frozen, outside the module), so only that part is
+optimised, EMA'd, checkpointed and exported; the metadata names the base weights (``ddm_base_weights``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -51,13 +56,27 @@ class UDDMLoss:
 
 def ddm_config(model: dict) -> DDMConfig:
     """``model.ddm``: ``preset`` (the prior UNet's small | tiny) + ``s``, ``sample_steps``, ``tile``, ``overlap``
-    and UNet field overrides under ``unet``."""
+    and UNet field overrides under ``unet``; ``backend`` (pixel | stablesr) and the stablesr backend's
+    ``stablesr`` section (``ddm.StableSRDDM``)."""
     d = dict(model.get("ddm") or {})
     preset = d.pop("preset", "small")
     if preset not in PRESETS:
         raise BlindSRError(f"config: model.ddm.preset {preset!r}: choose {' or '.join(PRESETS)}")
     unet = {**to_dict(ddm_unet_config(PRESETS[preset]())), **d.pop("unet", {})}
-    return from_dict(DDMConfig, {**d, "unet": unet}, "model.ddm")
+    cfg = from_dict(DDMConfig, {**d, "unet": unet}, "model.ddm")
+    if cfg.stablesr.weights:  # the metadata names the base weights: an absolute path, valid from anywhere
+        stablesr = dataclasses.replace(cfg.stablesr, weights=str(Path(cfg.stablesr.weights).expanduser().resolve()))
+        cfg = dataclasses.replace(cfg, stablesr=stablesr)
+    return cfg
+
+
+def ddm_config_dict(cfg: DDMConfig) -> dict:
+    """The config as the checkpoint metadata stores it; the pixel backend's exactly as before the stablesr
+    backend existed (no ``backend`` / ``stablesr`` keys), so pixel checkpoints keep their format."""
+    out = to_dict(cfg)
+    if cfg.backend == "pixel":
+        del out["backend"], out["stablesr"]
+    return out
 
 
 def uddm_recipe(cfg: RunConfig) -> Recipe:
@@ -73,23 +92,38 @@ def uddm_recipe(cfg: RunConfig) -> Recipe:
         raise BlindSRError(f"config: model.pddm.scale {pcfg.scale} differs from data.scale {d.scale}")
     disc_kw = dict(model.get("discriminator") or {})
     loss_cfg = from_dict(UDDMLoss, cfg.loss, "loss")
+    stablesr = dcfg.backend == "stablesr"
+    if cfg.diffusion and stablesr:
+        raise BlindSRError("config: the stablesr DDM has StableSR's process (LDM linear, 1000 steps): "
+                           "no diffusion section")
     if cfg.diffusion:
         dcfg = dataclasses.replace(dcfg, diffusion=from_dict(PriorDiffusion, cfg.diffusion, "diffusion"))
-    diffusion = dcfg.diffusion.process()
+    if stablesr:
+        from blindsr.methods.uddm.ddm_stablesr import build_ddm_net, ddm_loss_stablesr, image_multiple
+        from blindsr.models.sd.stablesr import base_process
+
+        diffusion = base_process()
+        multiple, what = image_multiple(dcfg.stablesr), "the VAE's x8 and the UNet's levels"
+    else:
+        diffusion = dcfg.diffusion.process()
+        multiple, what = dcfg.unet.multiple, "the DDM's levels"
     lr_crop = d.crop // d.scale
-    if d.crop % d.scale or lr_crop % dcfg.unet.multiple:
+    if d.crop % d.scale or lr_crop % multiple:
         raise BlindSRError(f"config: data.crop {d.crop} / scale {d.scale} must be a multiple of "
-                           f"{dcfg.unet.multiple} (the DDM's levels)")
+                           f"{multiple} ({what})")
     dataset = UnpairedDataset(d.lr_root, d.root, lr_crop=lr_crop, hr_crop=d.crop, flip=d.flip, rot=d.rot,
                               cache=d.cache, seed=cfg.train.seed)
     if len(dataset.lr) < 1 or len(dataset.hr) < 1:
         raise BlindSRError(f"config: no images in data.lr_root {d.lr_root} or data.root {d.root}")
-    modules = {"ddm": build_unet(dcfg.unet), "pddm": PDDM(pcfg), "discriminator": PatchDiscriminator(**disc_kw)}
+    ddm_net = build_ddm_net(dcfg.stablesr) if stablesr else build_unet(dcfg.unet)
+    modules = {"ddm": ddm_net, "pddm": PDDM(pcfg), "discriminator": PatchDiscriminator(**disc_kw)}
 
     def ddm_step(models: dict[str, nn.Module], batch: dict, g: torch.Generator, step: int) -> dict:
         lr = batch["lr"]
         with torch.no_grad():
             cond = condition(lr, dcfg.s)
+        if stablesr:
+            return {"loss": ddm_loss_stablesr(models["ddm"], diffusion, lr, cond, g)}
         return {"loss": ddm_loss(models["ddm"], diffusion, lr, cond, g)}
 
     def d_step(models: dict[str, nn.Module], batch: dict, g: torch.Generator, step: int) -> dict:
@@ -115,10 +149,12 @@ def uddm_recipe(cfg: RunConfig) -> Recipe:
     steps = [SubStep("ddm", ddm_step, ("ddm",)), SubStep("pddm", pddm_step, ("pddm",))]
     if loss_cfg.alpha > 0:
         steps.insert(1, SubStep("d", d_step, ("discriminator",)))
-    resolved = {"ddm": to_dict(dcfg), "pddm": to_dict(pcfg), "discriminator": disc_kw, "scale": d.scale}
+    resolved = {"ddm": ddm_config_dict(dcfg), "pddm": to_dict(pcfg), "discriminator": disc_kw, "scale": d.scale}
     cfg = dataclasses.replace(cfg, model=resolved, loss=to_dict(loss_cfg))
     meta = {"method": "uddm", "config": json.dumps(resolved), "train_config": json.dumps(to_dict(cfg))}
+    if stablesr:  # final.safetensors holds the trainable part only; load_uddm rebuilds the rest from these
+        meta.update(ddm_backend="stablesr", ddm_base_weights=dcfg.stablesr.weights, ddm_size=dcfg.stablesr.size)
     return Recipe(modules, steps, dataset, export_metadata=meta, config=cfg, export="ddm")
 
 
-__all__ = ["uddm_recipe", "UDDMLoss", "ddm_config"]
+__all__ = ["uddm_recipe", "UDDMLoss", "ddm_config", "ddm_config_dict"]
