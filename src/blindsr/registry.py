@@ -15,6 +15,7 @@ REGISTRY: dict[str, dict[str, Any]] = {
         "blinddiff": "blindsr.methods.blinddiff.pipeline:load_pipeline",
         "dmsr": "blindsr.methods.dmsr.pipeline:load_pipeline",
         "srnet": "blindsr.methods.srnet.pipeline:load_pipeline",
+        "stablesr": "blindsr.methods.stablesr.pipeline:load_pipeline",
     },
     # `blindsr train NAME`: NAME -> recipe(RunConfig) -> Recipe
     "recipe": {
@@ -26,6 +27,7 @@ REGISTRY: dict[str, dict[str, Any]] = {
         "dmsr": "blindsr.methods.dmsr.recipe:dmsr_recipe",
         "uddm": "blindsr.methods.uddm.recipe:uddm_recipe",
         "srnet": "blindsr.methods.srnet.recipe:srnet_recipe",
+        "stablesr": "blindsr.methods.stablesr.recipe:stablesr_recipe",
     },
     # `--preset NAME`, `data.degradation`: NAME -> a degradations.pipelines.PresetSpec
     "preset": {

@@ -77,7 +77,12 @@ def register(subparsers, help_: str) -> None:
     m.add_argument("--t-hat", type=float, metavar="T", help="force this timestep for every image (default: "
                    "estimated per image)")
     m.add_argument("--prompt", help="the fixed prompt of the sd-turbo backend (default: the paper's)")
-    m.add_argument("--color-fix", choices=("wavelet", "adain", "none"), help="colour correction (default none)")
+    m.add_argument("--color-fix", choices=("wavelet", "adain", "none"),
+                   help="colour correction (DM-SR and StableSR; default: DM-SR none, StableSR adain)")
+    s = p.add_argument_group("StableSR (--method stablesr; --ckpt: an official stage-1 .ckpt or a `blindsr train "
+                             "stablesr` final.safetensors; --steps default 200; --tile: pixel tiles, default 1280)")
+    s.add_argument("--cfw", metavar="FILE", help="official CFW decoder checkpoint (default: the plain SD decoder)")
+    s.add_argument("--dec-w", type=float, metavar="W", help="CFW fusion weight (default 0.5; 0 = the SD decoder)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders of folder inputs")
     p.add_argument("--quiet", action="store_true", help="no per-image lines or progress bars")
@@ -135,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
     elif args.method == "srnet":
         pipe, opts = _srnet(args, device)
         budget = None
+    elif args.method == "stablesr":
+        pipe, opts = _stablesr(args, device)
+        budget = None
     else:
         pipe, opts = _blinddiff(args, device)
         budget = sampling_budget(args.max_memory, device)  # once, after loading the model
@@ -177,6 +185,7 @@ def _blinddiff(args: argparse.Namespace, device) -> tuple:
     from blindsr.registry import resolve
 
     ckpt = args.ckpt
+    _refuse_stablesr_options(args, "BlindDiff")
     for flag in ("sd_turbo", "encoder", "t_hat", "prompt", "color_fix"):
         if getattr(args, flag) is not None:
             raise BlindSRError(f"--{flag.replace('_', '-')} is a DM-SR option (--method dmsr)")
@@ -219,12 +228,35 @@ def _refuse_blinddiff_options(args: argparse.Namespace, method: str) -> None:
         raise BlindSRError(f"{', '.join(given)}: BlindDiff option(s), not {method}'s")
 
 
+def _refuse_stablesr_options(args: argparse.Namespace, method: str) -> None:
+    from blindsr.errors import BlindSRError
+
+    given = [f"--{k}" for k, v in {"cfw": args.cfw, "dec-w": args.dec_w}.items() if v is not None]
+    if given:
+        raise BlindSRError(f"{', '.join(given)}: StableSR option(s) (--method stablesr), not {method}'s")
+
+
+def _stablesr(args: argparse.Namespace, device) -> tuple:
+    """StableSR from ``--ckpt`` (+ ``--cfw``); ``--tile`` / ``--tile-overlap``: its pixel tiles (vqgantile)."""
+    from blindsr.errors import BlindSRError
+    from blindsr.registry import resolve
+
+    _refuse_blinddiff_options(args, "StableSR")
+    for flag in ("sd_turbo", "encoder", "t_hat", "prompt"):
+        if getattr(args, flag) is not None:
+            raise BlindSRError(f"--{flag.replace('_', '-')}: not an option of --method stablesr")
+    pipe = resolve("sr", "stablesr")(args.ckpt, device=device, cfw=args.cfw)
+    return pipe, dict(steps=args.steps, color_fix=args.color_fix, dec_w=args.dec_w, pixel_tile=args.tile,
+                      pixel_overlap=args.tile_overlap)
+
+
 def _srnet(args: argparse.Namespace, device) -> tuple:
     """A trained SR network (``blindsr train srnet``) from ``--ckpt``; ``--tile`` in output pixels."""
     from blindsr.errors import BlindSRError
     from blindsr.registry import resolve
 
     _refuse_blinddiff_options(args, "srnet")
+    _refuse_stablesr_options(args, "srnet")
     for flag in ("sd_turbo", "encoder", "t_hat", "prompt", "color_fix", "steps"):
         if getattr(args, flag) is not None:
             raise BlindSRError(f"--{flag.replace('_', '-')}: not an option of --method srnet")
@@ -240,6 +272,7 @@ def _dmsr(args: argparse.Namespace, device) -> tuple:
     from blindsr.registry import resolve
 
     _refuse_blinddiff_options(args, "DM-SR")
+    _refuse_stablesr_options(args, "DM-SR")
     if args.ckpt and args.encoder:
         raise BlindSRError("give --encoder or --ckpt, not both")
     pipe = resolve("sr", "dmsr")(args.encoder or args.ckpt, device=device, sd_turbo=args.sd_turbo,

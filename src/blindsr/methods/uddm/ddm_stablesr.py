@@ -66,10 +66,11 @@ def image_multiple(config: StableSRDDM) -> int:
     return ss.vae_factor(cfg) * ss.latent_multiple(cfg)
 
 
-def check_tile(config: StableSRDDM, latent_multiple: int) -> None:
-    """Synthesis tiles must hold whole UNet levels."""
-    if config.tile % latent_multiple:
-        raise BlindSRError(f"DDM stablesr: tile {config.tile} must be a multiple of {latent_multiple} latent px "
+def check_tile(config: StableSRDDM, latent_multiple: int, what: str = "DDM stablesr") -> None:
+    """Synthesis tiles must hold whole UNet levels (a config without ``tile``: nothing to check)."""
+    tile = getattr(config, "tile", 0)
+    if tile % latent_multiple:
+        raise BlindSRError(f"{what}: tile {tile} must be a multiple of {latent_multiple} latent px "
                            "(the UNet's levels)")
 
 
@@ -129,7 +130,7 @@ class StableSRDDMNet(nn.Module):
         sample (noise from ``generator``: one, or one per image) or the mode; fp32, outside autocast."""
         vae = self._frozen().vae
         with torch.autocast(img.device.type, enabled=False):
-            dist = vae.encode(img.float() * 2 - 1).latent_dist
+            dist = vae.encode((img.float() * 2 - 1).to(vae.dtype)).latent_dist
             z = dist.mean
             if sample:
                 z = z + dist.std * randn(z.shape, generator, z.device, z.dtype)
@@ -141,7 +142,7 @@ class StableSRDDMNet(nn.Module):
         """Images in about [-1, 1] from scaled latents (the plain SD VAE decoder)."""
         vae = self._frozen().vae
         with torch.autocast(z.device.type, enabled=False):
-            return vae.decode(z.float() / self.scale_factor).sample
+            return vae.decode((z.float() / self.scale_factor).to(vae.dtype)).sample
 
 
 @contextlib.contextmanager
@@ -185,15 +186,18 @@ def null_text_context(text_encoder: CLIPTextModel) -> Tensor:
         return encode_text(text_encoder, pack_tokens([[]])).float()
 
 
-def build_ddm_net(config: StableSRDDM, weights: str | Path | None = None) -> StableSRDDMNet:
+def build_ddm_net(config: StableSRDDM, weights: str | Path | None = None, *, what: str = "DDM stablesr",
+                  section: str = "model.ddm.stablesr") -> StableSRDDMNet:
     """The stablesr DDM from ``config.weights`` (``weights`` overrides it: a moved base file), on the CPU.
 
-    A missing file is a one-line ``WeightsError``; ``weights: ""`` is a seeded random init (tests)."""
+    ``config``: any config with the fields ``weights``, ``size``, ``context``, ``posterior`` (and optionally
+    ``tile``): UDDM's ``StableSRDDM`` or the ``stablesr`` method's model section; ``what`` / ``section`` name
+    it in errors. A missing file is a one-line ``WeightsError``; ``weights: ""`` is a seeded random init."""
     path = config.weights if weights is None else str(weights)
     cfg = stablesr_config(config.size)
-    check_tile(config, ss.latent_multiple(cfg))
+    check_tile(config, ss.latent_multiple(cfg), what)
     if path and not Path(path).exists():
-        raise WeightsError(f"DDM stablesr weights not found: {path} (model.ddm.stablesr.weights: a StableSR "
+        raise WeightsError(f"{what} weights not found: {path} ({section}.weights: a StableSR "
                            "stage-1 .ckpt or an SD 2.1-base checkpoint)")
     want_text = bool(path) and config.context == "text"
     with _seeded(INIT_SEED):
@@ -202,7 +206,7 @@ def build_ddm_net(config: StableSRDDM, weights: str | Path | None = None) -> Sta
     if want_text:
         if text is None:
             raise WeightsError(f"{path} has no text encoder for the null context: set "
-                               "model.ddm.stablesr.context=zeros (or start from SD 2.1-base)")
+                               f"{section}.context=zeros (or start from SD 2.1-base)")
         context = null_text_context(text)
         if context.shape[-1] != width:
             raise WeightsError(f"{path}: a {context.shape[-1]}-wide text context for a UNet of {width}")
@@ -212,22 +216,29 @@ def build_ddm_net(config: StableSRDDM, weights: str | Path | None = None) -> Sta
     return StableSRDDMNet(parts, context, config, cfg)
 
 
-def ddm_loss_stablesr(net: nn.Module, diffusion: GaussianDiffusion, lr: Tensor, cond: Tensor,
-                      generator: torch.Generator, t: Tensor | None = None) -> Tensor:
-    """Eq. 3 on StableSR: real LR crops ``lr`` and their ULR conditions ``cond`` (both [0, 1]) to latents, then
-    the ε-MSE at t ~ U{0..T-1} (unless given). ``net``: a :class:`StableSRDDMNet`, possibly wrapped (DDP)."""
+def eps_loss(net: nn.Module, diffusion: GaussianDiffusion, target: Tensor, cond: Tensor,
+             generator: torch.Generator, t: Tensor | None = None) -> Tensor:
+    """StableSR's stage-1 loss: the images ``target`` (z_0's) and ``cond`` (z_c's, the time-aware encoder's
+    input), both (B, 3, H, W) in [0, 1], to latents, then the ε-MSE at t ~ U{0..T-1} (unless given).
+    ``net``: a :class:`StableSRDDMNet`, possibly wrapped (DDP). UDDM: (real LR, ULR); SR: (HR, upsampled LR)."""
     inner: StableSRDDMNet = getattr(net, "module", net)
     sample = inner.config.posterior == "sample"
-    dev, B = lr.device, lr.shape[0]
+    dev, B = target.device, target.shape[0]
     with torch.no_grad():
-        z0 = inner.encode(lr, generator, sample)
+        z0 = inner.encode(target, generator, sample)
         z_c = inner.encode(cond, generator, sample)
         if t is None:
             t = torch.randint(0, diffusion.num_timesteps, (B,), generator=generator, device=dev)
         eps = torch.randn(z0.shape, generator=generator, device=dev)
         z_t = diffusion.q_sample(z0, t, eps).float()
-        target = parameterization.target("eps", z0, eps, diffusion.abar(t, z0)).float()
-    return F.mse_loss(net(z_t, t, z_c).float(), target)
+        goal = parameterization.target("eps", z0, eps, diffusion.abar(t, z0)).float()
+    return F.mse_loss(net(z_t, t, z_c).float(), goal)
+
+
+def ddm_loss_stablesr(net: nn.Module, diffusion: GaussianDiffusion, lr: Tensor, cond: Tensor,
+                      generator: torch.Generator, t: Tensor | None = None) -> Tensor:
+    """Eq. 3 on StableSR: real LR crops ``lr`` and their ULR conditions ``cond`` (both [0, 1]): :func:`eps_loss`."""
+    return eps_loss(net, diffusion, lr, cond, generator, t)
 
 
 def synthesize_stablesr(net: StableSRDDMNet, config: DDMConfig, cond: Tensor, generator: Generators = None,
@@ -250,4 +261,4 @@ def synthesize_stablesr(net: StableSRDDMNet, config: DDMConfig, cond: Tensor, ge
 
 
 __all__ = ["INIT_SEED", "FrozenParts", "StableSRDDMNet", "stablesr_config", "build_ddm_net", "null_text_context",
-           "ddm_loss_stablesr", "synthesize_stablesr", "check_tile", "image_multiple"]
+           "ddm_loss_stablesr", "eps_loss", "synthesize_stablesr", "check_tile", "image_multiple"]
