@@ -203,3 +203,19 @@ def test_fit_takes_gray_16_bit_tiny_and_mixed_size_photos(tmp_path, folders):
     Image.fromarray((np.random.default_rng(2).random((40, 17, 3)) * 255).astype(np.uint8)).save(lr / "tall.jpg")
     assert train(tmp_path / "r", (lr, hr), "--max-steps", "2") == 0
     assert (tmp_path / "r" / "final_pddm.safetensors").is_file()
+
+
+def test_fit_on_one_photo_and_refuses_an_empty_folder(tmp_path, folders, capsys):
+    """A camera with one LR photo still trains (crops repeat); an empty real-LR folder is one error line."""
+    lr, hr = folders
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "photo0.png").write_bytes((lr / "photo0.png").read_bytes())
+    assert train(tmp_path / "r1", (one, hr), "--max-steps", "2") == 0
+    assert len(losses(tmp_path / "r1")) >= 1 and (tmp_path / "r1" / "final_pddm.safetensors").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    capsys.readouterr()
+    assert train(tmp_path / "r2", (empty, hr), "--max-steps", "2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "empty" in err[0]
