@@ -204,6 +204,8 @@ def stage_eval(root: Path, args: argparse.Namespace, cam: str) -> dict:
               pair_name(1): "SRNet-S on P-DDM-only pairs (w = 1)", "x4plus_ft_uddm": "RealESRGAN-x4plus fine-tuned on UDDM pairs"}
     for run in srnet_runs(args):
         f = root / "srnet" / run / "final.safetensors"
+        if args.weights == "raw":  # the trained weights themselves at the last step, not their EMA
+            f = root / "srnet" / run / "checkpoints" / f"step_{args.ft_steps if run == 'x4plus_ft_uddm' else args.steps:09d}" / "model.safetensors"
         if f.is_file():
             models[labels[run]] = str(f)
     swd = {}
@@ -217,8 +219,12 @@ def stage_eval(root: Path, args: argparse.Namespace, cam: str) -> dict:
             make_test(other, root / f"test_{other}")
             tests.update({f"Set5 ({other})": root / f"test_{other}" / "Set5",
                           f"Set14 ({other})": root / f"test_{other}" / "Set14"})
+    done = json.loads((root / "results.json").read_text()) if (root / "results.json").is_file() else {}
     results = {}
     for label, ckpt in models.items():
+        if set(done.get(label, {})) == set(tests) and not args.fresh:  # measured before (results.json)
+            results[label] = {k: tuple(v) for k, v in done[label].items()}
+            continue
         pipe = None if ckpt is None else load_pipeline(ckpt)
         row = {}
         for s, folder in tests.items():
@@ -232,7 +238,7 @@ def stage_eval(root: Path, args: argparse.Namespace, cam: str) -> dict:
         results[label] = row
         print(f"{label:48s} " + "  ".join(f"{s} {p:.2f} / {q:.4f}" for s, (p, q) in row.items()), flush=True)
     lines = [f"camera `{cam}` (benchmarks/cameras.py), x4, PSNR / SSIM on Y, border 4; SRNet-S rows: "
-             f"{args.steps} iterations each, same seed; SWD: the pairs' LR vs the camera's real LR photos (8x8 "
+             f"{args.steps} iterations each, same seed, {args.weights} weights; SWD: the pairs' LR vs the camera's real LR photos (8x8 "
              "patches, lower = closer)", "", "| SR model | " + " | ".join(tests) + " | SWD of its training LR |",
              "|---|" + "---|" * (len(tests) + 1)]
     pair_of = {labels[r]: p for r, (p, _) in srnet_runs(args).items()}
@@ -263,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="eval: also test on these cameras' Set5 / Set14 (models trained for --camera)")
     ap.add_argument("--s-values", type=int, nargs="+", default=[2, 4, 8], help="sweep-s: the s to try")
     ap.add_argument("--sweep-minutes", type=float, default=8.0, help="sweep-s: fit time per s")
+    ap.add_argument("--weights", choices=("ema", "raw"), default="ema",
+                    help="eval: the runs' final.safetensors (EMA) or their raw weights at the last step")
+    ap.add_argument("--fresh", action="store_true", help="eval: measure every row again (default: reuse "
+                    "results.json rows measured on the same test sets)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     root = args.root / args.camera

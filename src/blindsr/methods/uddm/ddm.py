@@ -10,7 +10,8 @@ to a real-looking LR image, trained on real LR photos only.
   diffusion (DDPM, ``sample_steps`` = 200 as the paper, respaced) gives a "real-looking" LR of that size, in
   Gaussian-blended tiles for any size (``diffusion.tiling.tiled``; each tile sees its crop of the condition).
 
-``s`` is not given in the paper (its Fig. 4b sweeps it): ``DDMConfig.s`` = 4 until our own sweep chooses.
+``s`` is not given in the paper (its Fig. 4b sweeps it). Our sweep (docs/uddm.md, unpaired data only: the SWD
+between the DDM's LR and the camera's real LR photos) chose ``DDMConfig.s`` = 2 over 4.
 
 Two backends, one method (``DDMConfig.backend``): ``pixel`` (this module, the default) and ``stablesr`` -- the
 paper's DDM on StableSR (SD 2.1 frozen + the trainable time-aware encoder and SFT layers, on VAE latents),
@@ -73,7 +74,7 @@ class StableSRDDM:
 class DDMConfig:
     """The DDM's architecture, process and sampler (paper-silent choices named)."""
 
-    s: int = 4                # extreme downsampling factor (paper: swept, not given)
+    s: int = 2                # extreme downsampling factor (paper: swept, not given; ours: 2 beat 4, docs/uddm.md)
     unet: PriorUNetConfig = field(default_factory=ddm_unet_config)
     diffusion: PriorDiffusion = field(default_factory=PriorDiffusion)  # SD-Turbo's T = 1000, eps
     sample_steps: int = 200   # DDPM steps at synthesis (paper: 200)
