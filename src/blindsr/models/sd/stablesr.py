@@ -27,7 +27,6 @@ Section numbers (§) refer to the conformance README in ``shared/reference/stabl
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from functools import partial
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.embeddings import get_timestep_embedding
 from torch import Tensor, nn
 
 from blindsr.diffusion.gaussian import GaussianDiffusion
@@ -214,15 +214,6 @@ class GroupNorm32(nn.GroupNorm):
         return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """[cos, sin] sinusoidal embedding (§4.2): f_j = exp(-ln(max_period) j / half), j < half = dim / 2."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    return F.pad(emb, (0, 1)) if dim % 2 else emb
-
-
 class ResBlock(nn.Module):
     """h = conv(SiLU(GN(x))) + Linear(SiLU(emb)); h = conv0(Dropout(SiLU(GN(h)))); skip(x) + h (§4.2).
     ``out_layers.3`` is zero-initialised (the official ``zero_module``)."""
@@ -324,7 +315,9 @@ class StableSREncoder(nn.Module):
     def embed(self, t: Tensor) -> Tensor:
         """emb = time_embed([cos, sin] embedding of t): the encoder's own, not the UNet's."""
         w = self.time_embed[0].weight
-        return self.time_embed(timestep_embedding(t, self.config.model_channels).to(w.dtype))
+        # diffusers' sinusoid with flip_sin_to_cos and shift 0 is exactly §4.2's: f_j = exp(-ln(1e4) j / half)
+        sinusoid = get_timestep_embedding(t, self.config.model_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
+        return self.time_embed(sinusoid.to(w.dtype))
 
     def trunk(self, x: Tensor, emb: Tensor) -> list[Tensor]:
         """The features before ``fea_tran``: each level's output before its Downsample, then the middle."""
