@@ -106,7 +106,7 @@ def test_the_loss_falls_on_an_overfit_run():
     before_frozen = frozen_state(net)
 
     def loss() -> torch.Tensor:
-        return S.ddm_loss_stablesr(net, diffusion, lr, cond, gen(9), t)
+        return S.eps_loss(net, diffusion, lr, cond, gen(9), t)
     with torch.no_grad():
         before = loss().item()
     for _ in range(20):

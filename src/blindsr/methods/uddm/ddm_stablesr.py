@@ -235,12 +235,6 @@ def eps_loss(net: nn.Module, diffusion: GaussianDiffusion, target: Tensor, cond:
     return F.mse_loss(net(z_t, t, z_c).float(), goal)
 
 
-def ddm_loss_stablesr(net: nn.Module, diffusion: GaussianDiffusion, lr: Tensor, cond: Tensor,
-                      generator: torch.Generator, t: Tensor | None = None) -> Tensor:
-    """Eq. 3 on StableSR: real LR crops ``lr`` and their ULR conditions ``cond`` (both [0, 1]): :func:`eps_loss`."""
-    return eps_loss(net, diffusion, lr, cond, generator, t)
-
-
 def synthesize_stablesr(net: StableSRDDMNet, config: DDMConfig, cond: Tensor, generator: Generators = None,
                         steps: int | None = None, progress: Progress = False) -> Tensor:
     """Eq. 4 on StableSR: an LR image (B, 3, h, w) in [0, 1] from its condition (B, 3, h, w) in [0, 1].
@@ -261,4 +255,4 @@ def synthesize_stablesr(net: StableSRDDMNet, config: DDMConfig, cond: Tensor, ge
 
 
 __all__ = ["INIT_SEED", "FrozenParts", "StableSRDDMNet", "stablesr_config", "build_ddm_net", "null_text_context",
-           "ddm_loss_stablesr", "eps_loss", "synthesize_stablesr", "check_tile", "image_multiple"]
+           "eps_loss", "synthesize_stablesr", "check_tile", "image_multiple"]

@@ -99,13 +99,13 @@ def uddm_recipe(cfg: RunConfig) -> Recipe:
     if cfg.diffusion:
         dcfg = dataclasses.replace(dcfg, diffusion=from_dict(PriorDiffusion, cfg.diffusion, "diffusion"))
     if stablesr:
-        from blindsr.methods.uddm.ddm_stablesr import build_ddm_net, ddm_loss_stablesr, image_multiple
+        from blindsr.methods.uddm.ddm_stablesr import build_ddm_net, eps_loss, image_multiple
         from blindsr.models.sd.stablesr import base_process
 
-        diffusion = base_process()
+        diffusion, loss_fn = base_process(), eps_loss  # Eq. 3 on latents: (real LR, ULR) as (target, cond)
         multiple, what = image_multiple(dcfg.stablesr), "the VAE's x8 and the UNet's levels"
     else:
-        diffusion = dcfg.diffusion.process()
+        diffusion, loss_fn = dcfg.diffusion.process(), ddm_loss
         multiple, what = dcfg.unet.multiple, "the DDM's levels"
     lr_crop = d.crop // d.scale
     if d.crop % d.scale or lr_crop % multiple:
@@ -122,9 +122,7 @@ def uddm_recipe(cfg: RunConfig) -> Recipe:
         lr = batch["lr"]
         with torch.no_grad():
             cond = condition(lr, dcfg.s)
-        if stablesr:
-            return {"loss": ddm_loss_stablesr(models["ddm"], diffusion, lr, cond, g)}
-        return {"loss": ddm_loss(models["ddm"], diffusion, lr, cond, g)}
+        return {"loss": loss_fn(models["ddm"], diffusion, lr, cond, g)}
 
     def d_step(models: dict[str, nn.Module], batch: dict, g: torch.Generator, step: int) -> dict:
         with torch.no_grad():
