@@ -14,7 +14,8 @@ Protocol (nothing is tuned on what is evaluated):
    w = 0 (DDM only), 0.5 (UDDM) and 1 (P-DDM only). The DDM and P-DDM outputs are computed once per image and
    fused for every w (Eq. 1), so the w rows differ only in w.
 4. ``train``: the same SR network (``srnet_s.yaml``: RRDBNet-S x4, L1) from the same seed for the same number of
-   iterations on each pair set; and the converted RealESRGAN-x4plus fine-tuned on the UDDM pairs (``--x4plus``).
+   iterations on each pair set; and the converted RealESRGAN-x4plus fine-tuned alike on the UDDM pairs and on
+   the ``realesrgan`` pairs (``--x4plus``).
 5. ``eval``: PSNR / SSIM on Y, border 4, on the camera's Set5 / Set14; rows also bicubic upsampling and
    RealESRGAN-x4plus as it is. Writes ``results.json`` and ``table.md`` in the camera's folder.
 """
@@ -169,10 +170,11 @@ def stage_pairs(root: Path, ddm_steps: int, seed: int) -> None:
 def srnet_runs(args: argparse.Namespace) -> dict[str, tuple[str, list[str]]]:
     """run name -> (pairs folder name, config overrides)."""
     runs = {n: (n, []) for n in ("bicubic", "realesrgan", *map(pair_name, WS))}
-    if args.x4plus:
-        runs["x4plus_ft_uddm"] = (pair_name(0.5), ["model.preset=full", f"model.init={args.x4plus}",
-                                                   "optim.lr=2.0e-5", f"data.batch_size={args.ft_batch}",
-                                                   f"train.max_steps={args.ft_steps}"])
+    if args.x4plus:  # fine-tuned alike on UDDM pairs and, as the control, on the `realesrgan` preset's pairs
+        ft = ["model.preset=full", f"model.init={args.x4plus}", "optim.lr=2.0e-5", f"data.batch_size={args.ft_batch}",
+              f"train.max_steps={args.ft_steps}"]
+        runs["x4plus_ft_uddm"] = (pair_name(0.5), ft)
+        runs["x4plus_ft_realesrgan"] = ("realesrgan", ft)
     return runs
 
 
@@ -201,11 +203,12 @@ def stage_eval(root: Path, args: argparse.Namespace, cam: str) -> dict:
         models["RealESRGAN-x4plus (as is)"] = args.x4plus
     labels = {"bicubic": "SRNet-S on bicubic pairs", "realesrgan": "SRNet-S on realesrgan pairs",
               pair_name(0): "SRNet-S on DDM-only pairs (w = 0)", pair_name(0.5): "SRNet-S on UDDM pairs (w = 0.5)",
-              pair_name(1): "SRNet-S on P-DDM-only pairs (w = 1)", "x4plus_ft_uddm": "RealESRGAN-x4plus fine-tuned on UDDM pairs"}
+              pair_name(1): "SRNet-S on P-DDM-only pairs (w = 1)", "x4plus_ft_uddm": "RealESRGAN-x4plus fine-tuned on UDDM pairs",
+              "x4plus_ft_realesrgan": "RealESRGAN-x4plus fine-tuned on realesrgan pairs"}
     for run in srnet_runs(args):
         f = root / "srnet" / run / "final.safetensors"
         if args.weights == "raw":  # the trained weights themselves at the last step, not their EMA
-            f = root / "srnet" / run / "checkpoints" / f"step_{args.ft_steps if run == 'x4plus_ft_uddm' else args.steps:09d}" / "model.safetensors"
+            f = root / "srnet" / run / "checkpoints" / f"step_{args.ft_steps if run.startswith('x4plus_ft') else args.steps:09d}" / "model.safetensors"
         if f.is_file():
             models[labels[run]] = str(f)
     swd = {}

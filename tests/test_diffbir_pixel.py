@@ -40,7 +40,7 @@ def pipeline(prior: Prior, controlnet=None, **changes) -> db.DiffBIRPipeline:
     torch.manual_seed(1)
     cleaner = build_restorer("swinir", SwinIRConfig.tiny())
     controlnet = controlnet or icn.IRControlNet.from_unet(prior.unet, hint_channels=3)
-    config = db.DiffBIRConfig.from_preset("pixel", "sr", **{"steps": 3, **changes})
+    config = db.DiffBIRConfig.from_preset("pixel", "sr", **{"steps": 3, "guidance": GuidanceConfig(), **changes})
     return db.DiffBIRPipeline(cleaner, prior, controlnet, config)
 
 
@@ -144,6 +144,7 @@ def test_pixel_config_and_weight_errors(prior, tmp_path):
         db.DiffBIRConfig.from_preset("pixel", "sr", tiling=db.Tiling(diffusion_tile=100))
     c = db.DiffBIRConfig.from_preset("pixel", "sr")
     assert (c.backend, c.cfg, c.min_size, c.tiling.diffusion_tile, c.prediction) == ("pixel", 1.0, 0, 256, "eps")
+    assert (c.guidance.scale, c.guidance.norm_elements) == (1.0, 16384)  # guided by default, size-independent
     with pytest.raises(BlindSRError, match="backend sd needs SD 2.1"):  # an SD config with a pixel prior
         db.DiffBIRPipeline(torch.nn.Identity(), prior, icn.IRControlNet.from_unet(prior.unet, 3),
                            db.DiffBIRConfig.from_preset("v2", "sr"))

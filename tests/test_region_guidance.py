@@ -89,3 +89,20 @@ def test_guidance_window_follows_official_convention():
     assert [t for t in (0, 199, 200, 201, 598, 599, 600, 999) if cfg.active(t)] == [200, 201, 598]
     assert all(rg.GuidanceConfig(scale=0.5).active(t) for t in (0, 999))  # defaults: every step
     assert not rg.GuidanceConfig(scale=0.0).active(500)
+
+
+def test_norm_elements_pulls_equally_hard_at_every_size():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1, torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+    weight = rg.gradient_weight_map((target + 1) / 2)
+    big = [x.repeat(1, 1, 2, 2) for x in (pred, target, weight)]  # the same content on 4x the pixels
+
+    def step(p, t, w, n):
+        return rg.apply_guidance(p, None, t, 0.5, weight=w, norm_elements=n).z0 - p
+
+    small_official, big_official = step(pred, target, weight, 0), step(*big, 0)
+    assert torch.allclose(big_official, small_official.repeat(1, 1, 2, 2) / 4, atol=1e-7)  # the mean weakens it
+    small_fixed, big_fixed = step(pred, target, weight, 4096), step(*big, 4096)
+    assert torch.allclose(big_fixed, small_fixed.repeat(1, 1, 2, 2), atol=1e-7)  # the fixed norm does not
+    assert torch.allclose(step(pred, target, weight, pred.numel()), small_official, atol=1e-7)  # N = numel: official
+    assert torch.allclose(rg.guidance_gradient(*big, 0.5, norm_elements=4096), big_fixed, atol=1e-6)

@@ -76,7 +76,8 @@ def register(subparsers, help_: str) -> None:
     s.add_argument("--min-size", type=int,
                    help="short side of the stage-2 input in pixels (sd: 512, official; pixel: 0 = none)")
     g = p.add_argument_group("restoration guidance (paper v2 §3.3)")
-    g.add_argument("--guidance-scale", type=float, default=0.0, help="s (x3000 internally; README uses 0.5); 0 = off")
+    g.add_argument("--guidance-scale", type=float,
+                   help="s (x3000 internally; README uses 0.5); 0 = off (default: the preset's, 0 for sd)")
     g.add_argument("--guidance-space", choices=DIFFBIR_GUIDANCE_SPACES, default="rgb", help="default rgb (paper)")
     g.add_argument("--guidance-loss", choices=DIFFBIR_GUIDANCE_LOSSES, default="w_mse", help="default w_mse (region-adaptive)")
     g.add_argument("--guidance-start", type=int, default=1001, help="guide while stop < t+1 < start (default all)")
@@ -119,15 +120,18 @@ def preset_name(args: argparse.Namespace) -> str:
 
 def build_config(args: argparse.Namespace, device):
     """The DiffBIR config from the preset of --backend/--version/--task and the flags that were given."""
+    from dataclasses import replace
+
     from blindsr.device import resolve_dtype
-    from blindsr.methods.diffbir import DiffBIRConfig, GuidanceConfig, Tiling
+    from blindsr.methods.diffbir import DiffBIRConfig, Tiling
 
     version = preset_name(args)
-    base = DiffBIRConfig.from_preset(version, args.task).tiling
+    base = DiffBIRConfig.from_preset(version, args.task)
     tiling = Tiling.from_options(args.tile, args.tile_overlap, args.cleaner_tile, args.vae_tile, args.no_tile,
-                                 base=base)
-    guidance = GuidanceConfig(scale=args.guidance_scale, loss=args.guidance_loss, space=args.guidance_space,
-                              start=args.guidance_start, stop=args.guidance_stop, repeat=args.guidance_repeat)
+                                 base=base.tiling)
+    scale = base.guidance.scale if args.guidance_scale is None else args.guidance_scale
+    guidance = replace(base.guidance, scale=scale, loss=args.guidance_loss, space=args.guidance_space,
+                       start=args.guidance_start, stop=args.guidance_stop, repeat=args.guidance_repeat)
     return DiffBIRConfig.from_preset(
         version, args.task, upscale=args.upscale, sampler=args.sampler, steps=args.steps, cfg=args.cfg,
         rescale_cfg=args.rescale_cfg, pos_prompt=args.pos_prompt, neg_prompt=args.neg_prompt,

@@ -164,7 +164,7 @@ def build(server: Server):
 
     def diffbir_params(stage1, version, task, kind, gscale, sampler, steps, cfg, tile, ctile, cfix, seed):
         return jobs.DiffBIRParams(stage1_only=bool(stage1), version=version, task=task, cleaner_kind=_choice(kind),
-                                  guidance_scale=float(gscale or 0), sampler=_choice(sampler), steps=_number(steps),
+                                  guidance_scale=None if gscale in (None, "") else float(gscale), sampler=_choice(sampler), steps=_number(steps),
                                   cfg=_number(cfg, float), tile=_number(tile),
                                   cleaner_tile=_number(ctile), color_fix=_choice(cfix), seed=int(seed or 0))
 
@@ -228,7 +228,7 @@ def build(server: Server):
                             task = gr.Dropdown(list(DIFFBIR_TASKS), value="sr", label="Task")
                             kind = gr.Dropdown([DEFAULT, *RESTORER_KINDS], value=DEFAULT, label="Cleaner")
                         with gr.Row():
-                            gscale = gr.Number(0.0, label="Restoration guidance scale s")
+                            gscale = gr.Number(None, label="Restoration guidance scale s (empty: the preset's)")
                             db_sampler = gr.Dropdown([DEFAULT, *DIFFBIR_SAMPLERS], value=DEFAULT, label="Sampler")
                             db_steps = gr.Number(0, label="Steps (0: the preset's)", precision=0, minimum=0)
                         with gr.Row():

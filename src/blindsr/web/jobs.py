@@ -16,7 +16,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -225,7 +225,7 @@ class DiffBIRParams:
     version: str = "pixel"  # pixel (the embedded models, offline) or an SD version: v1 | v2 | v2.1
     task: str = "sr"
     cleaner_kind: str | None = None
-    guidance_scale: float = 0.0
+    guidance_scale: float | None = None  # None: the preset's (1 for pixel, 0 for sd)
     sampler: str | None = None
     steps: int | None = None
     cfg: float | None = None
@@ -240,7 +240,7 @@ class DiffBIRParams:
                 ("--task", self.task), ("--cleaner-kind", self.cleaner_kind),
                 ("--cleaner-tile", self.cleaner_tile), ("--seed", self.seed)]
         if not self.stage1_only:
-            opts[4:4] = [("--guidance-scale", self.guidance_scale or None), ("--sampler", self.sampler),
+            opts[4:4] = [("--guidance-scale", self.guidance_scale), ("--sampler", self.sampler),
                          ("--steps", self.steps), ("--cfg", self.cfg), ("--tile", self.tile),
                          ("--color-fix", self.color_fix)]
         return _cli_line("restore", names, opts, ["--stage1-only"] if self.stage1_only else [])
@@ -420,7 +420,6 @@ def _diffbir_one(name: str, path: Path, p: DiffBIRParams, out_dir: Path, models:
     from blindsr.methods.diffbir import (
         DiffBIRConfig,
         DiffBIRPipeline,
-        GuidanceConfig,
         Tiling,
         resolve_weights,
     )
@@ -429,11 +428,11 @@ def _diffbir_one(name: str, path: Path, p: DiffBIRParams, out_dir: Path, models:
     img = _load(path)
     paths = resolve_weights(p.version, p.task, stage1_only=p.stage1_only, cleaner_kind=p.cleaner_kind,
                             **_weights_for(p, weights))
-    base = DiffBIRConfig.from_preset(p.version, p.task).tiling
+    base = DiffBIRConfig.from_preset(p.version, p.task)
     config = DiffBIRConfig.from_preset(
         p.version, p.task, sampler=p.sampler, steps=p.steps, cfg=p.cfg, color_fix=p.color_fix,
-        guidance=GuidanceConfig(scale=p.guidance_scale),
-        tiling=Tiling.from_options(tile=p.tile, cleaner_tile=p.cleaner_tile, base=base))
+        guidance=replace(base.guidance, scale=base.guidance.scale if p.guidance_scale is None else p.guidance_scale),
+        tiling=Tiling.from_options(tile=p.tile, cleaner_tile=p.cleaner_tile, base=base.tiling))
     key = ("diffbir", p.version, p.task, str(paths))
     pipe = models.get(key, lambda: DiffBIRPipeline.from_paths(config, paths, models.device))
     pipe = pipe.with_config(**{f: getattr(config, f) for f in ("sampler", "steps", "cfg", "color_fix",

@@ -6,7 +6,11 @@ At each guided step the clean-latent estimate ``z0_hat`` is pulled toward the st
     L(z0) = sum_n mean_{c,h,w} W * (D(z0) - I_s1)^2              (pixel space, D = VAE decoder)
     z0 <- z0 - s * 3000 * dL/dz0 / posterior_mean_coef1[t]       (the posterior mean moves by the step)
 
-``s`` is the user scale (CLI ``--g_scale``); the official code multiplies it by 3000 internally, and so do we. With
+``s`` is the user scale (CLI ``--g_scale``); the official code multiplies it by 3000 internally, and so do we.
+The mean over (C,H,W) makes the pull on each pixel weaken as the image grows; SD always works on its 512 tile,
+so the official code does not notice. ``norm_elements = N > 0`` (our extension, the pixel backend's default)
+divides the sum by a fixed N instead, so that a given s pulls each pixel equally hard at every image size; it
+equals the official mean on an image of exactly N elements. With
 ``weight=None`` the loss is plain MSE (official ``MSEGuidance``). The latent-space variant uses ``decode_fn=None``
 and a latent target; the official code only supports plain MSE there (its weighted loss crashes on 4 channels),
 ``latent_weight_map`` is our extension that average-pools the pixel weights to latent resolution.
@@ -43,6 +47,7 @@ class GuidanceConfig:
     stop: int = -1  # [--g_stop]
     repeat: int = 1  # gradient steps per sampling step [--g_repeat]
     patch_size: int = 2  # Sobel-sum patch (hard-coded 2 in the official code)
+    norm_elements: int = 0  # 0: mean over (C,H,W) as official; N > 0: sum / N, the same pull at every image size
 
     def active(self, t: int) -> bool:
         """Official window test ``t_stop < t_now < t_start`` with ``t_now = t + 1``."""
@@ -88,18 +93,21 @@ def latent_weight_map(img: torch.Tensor, factor: int = 8, patch_size: int = 2) -
     return F.avg_pool2d(gradient_weight_map(img, patch_size), factor)
 
 
-def guidance_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """The region-adaptive loss: mean over (C,H,W) of ``weight * (pred - target)^2`` per sample, summed over the batch."""
+def guidance_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+                  norm_elements: int = 0) -> torch.Tensor:
+    """The region-adaptive loss: mean over (C,H,W) of ``weight * (pred - target)^2`` per sample (or the sum over
+    ``norm_elements``), summed over the batch."""
     err = (pred - target).pow(2)
     if weight is not None:
         err = err * weight
-    return err.flatten(1).mean(dim=1).sum()
+    err = err.flatten(1)
+    return (err.sum(dim=1) / norm_elements if norm_elements else err.mean(dim=1)).sum()
 
 
 def guidance_gradient(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
-                      scale: float = 1.0) -> torch.Tensor:
+                      scale: float = 1.0, norm_elements: int = 0) -> torch.Tensor:
     """The official ``cond_fn`` output: ``-dL/dpred * scale * 3000`` (closed form of the autograd result)."""
-    n = pred[0].numel()
+    n = norm_elements or pred[0].numel()
     g = 2 * (pred - target) / n
     if weight is not None:
         g = g * weight
@@ -108,7 +116,7 @@ def guidance_gradient(pred: torch.Tensor, target: torch.Tensor, weight: torch.Te
 
 def apply_guidance(z0_hat: torch.Tensor, decode_fn: Callable[[torch.Tensor], torch.Tensor] | None,
                    target: torch.Tensor, scale: float, *, weight: torch.Tensor | None = None,
-                   posterior_coef1: torch.Tensor | float = 1.0, repeat: int = 1) -> Guided:
+                   posterior_coef1: torch.Tensor | float = 1.0, repeat: int = 1, norm_elements: int = 0) -> Guided:
     """Guide ``z0_hat`` (scaled latent) toward ``target`` (official v2.0.0 ``apply_cond_fn``).
 
     ``decode_fn`` maps a scaled latent to an image in [-1, 1] (``vae_decode``); ``None`` = latent space (then
@@ -121,7 +129,7 @@ def apply_guidance(z0_hat: torch.Tensor, decode_fn: Callable[[torch.Tensor], tor
     for _ in range(repeat):
         with torch.enable_grad():
             z = z0.clone().requires_grad_(True)
-            loss = guidance_loss(decode(z), target, weight)
+            loss = guidance_loss(decode(z), target, weight, norm_elements)
             (grad,) = torch.autograd.grad(loss, z)
         losses.append(loss.item())
         z0 = z0 - grad * (scale * INTERNAL_SCALE) / posterior_coef1
@@ -172,7 +180,8 @@ class RestorationGuidance:
         part = x0[..., : h // f, : w // f]  # the padding is not compared
         decode = self.decode if self.config.space == "rgb" else None
         res = apply_guidance(part, decode, self.target, self.config.scale, weight=self.weight,
-                             posterior_coef1=coef, repeat=self.config.repeat)
+                             posterior_coef1=coef, repeat=self.config.repeat,
+                             norm_elements=self.config.norm_elements)
         self.losses.append(res.loss)
         x0 = x0.clone()
         x0[..., : h // f, : w // f] = res.z0.to(x0.dtype)

@@ -160,7 +160,7 @@ class DiffBIRPipeline:
         min_size = self.config.min_size if min_size is None else min_size
         out_size = self.output_size(lq)
         lq = lq.to(self.device, torch.float32)
-        scale = float(getattr(self.cleaner.config, "scale", 1))
+        scale = float(getattr(getattr(self.cleaner, "config", None), "scale", 1))  # no config (identity): x1
         if scale == 1:  # x1 cleaner on the bicubic-upscaled input (official PIL BICUBIC ~ MATLAB bicubic)
             x = imresize(lq, size=out_size) if out_size != tuple(lq.shape[-2:]) else lq
             before = type(self.cleaner).__name__ == "SwinIR"  # official SwinIRPipeline resizes before
