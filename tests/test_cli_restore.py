@@ -102,3 +102,16 @@ def test_full_pipeline_with_tiny_models(tmp_path, reference_dir, cleaner_file, c
     assert one.shape == (64, 64, 3)
     assert np.abs(one.astype(int) - two.astype(int)).max() <= 1  # per-image generators: batching does not matter
     assert (tmp_path / "b2" / "img1_stage1.png").is_file()
+
+
+def test_guidance_defaults_come_from_the_preset():
+    from blindsr.cli.main import build_parser
+    from blindsr.cli.restore import build_config
+
+    def config(*flags):
+        return build_config(build_parser().parse_args(["restore", "x.png", *flags]), torch.device("cpu")).guidance
+
+    pixel, sd, off = config(), config("--version", "v2"), config("--guidance-scale", "0")
+    assert (pixel.scale, pixel.norm_elements) == (1.0, 16384)  # pixel: guided, size-independent
+    assert (sd.scale, sd.norm_elements) == (0.0, 0)  # SD presets: the official default and mean
+    assert (off.scale, off.norm_elements) == (0.0, 16384)

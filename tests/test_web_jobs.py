@@ -215,6 +215,12 @@ def test_diffbir_stage1_job_runs_with_a_cleaner(tmp_path, models):
     assert res.cli.endswith("--stage1-only")
 
 
+def test_diffbir_cli_line_leaves_the_guidance_default_to_the_preset():
+    default = jobs.DiffBIRParams(stage1_only=False).cli(["a.png"])
+    assert "--guidance-scale" not in default  # the preset's own s (1 for pixel) applies, as on the page
+    assert "--guidance-scale 0.0" in jobs.DiffBIRParams(stage1_only=False, guidance_scale=0.0).cli(["a.png"])
+
+
 def test_zoom_pair_shows_the_same_window_of_both(tmp_path):
     a = _png(tmp_path / "a.png", 64, 80, seed=1)
     im = jobs.zoom_pair(a, a, 1.0, 0.0, crop=32, factor=2)
