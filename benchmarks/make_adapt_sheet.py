@@ -16,15 +16,14 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from blindsr.data.datasets import centre_crop  # noqa: E402
 from blindsr.degradations.operators import imresize  # noqa: E402
-from blindsr.io.images import read_image, write_image  # noqa: E402
-from blindsr.io.visual import contact_sheet  # noqa: E402
+from blindsr.io.images import read_image  # noqa: E402
+from blindsr.io.visual import contact_grid  # noqa: E402
 from blindsr.methods.srnet.pipeline import load_pipeline  # noqa: E402
 
 
@@ -39,17 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(False)
 
     pipes = {label: load_pipeline(ckpt) for label, _, ckpt in (m.partition("=") for m in args.models)}
-    rows = []
+    rows, labels = [], []
     for photo in args.photos:
         lr = read_image(args.data / f"{photo}.png")[:3][None]
-        panels = [centre_crop(imresize(lr, scale=4).clamp(0, 1)[0], args.crop)]
-        panels += [centre_crop(pipe(lr).sr[0].clamp(0, 1), args.crop) for pipe in pipes.values()]
-        labels = [f"{photo}: bicubic x4"] + [f"{photo}: adapt, {label}" for label in pipes]
-        rows.append(contact_sheet(panels, labels))
+        rows.append([centre_crop(imresize(lr, scale=4).clamp(0, 1)[0], args.crop)]
+                    + [centre_crop(pipe(lr).sr[0].clamp(0, 1), args.crop) for pipe in pipes.values()])
+        labels.append([f"{photo}: bicubic x4"] + [f"{photo}: adapt, {label}" for label in pipes])
         print(f"{photo} done", flush=True)
-    width = max(r.shape[-1] for r in rows)
-    rows = [F.pad(r, (0, width - r.shape[-1], 0, 6), value=1.0) for r in rows]
-    write_image(args.out, torch.cat(rows, dim=1), overwrite=True)
+    contact_grid(rows, labels, args.out, overwrite=True)
     print(f"wrote {args.out}")
     return 0
 

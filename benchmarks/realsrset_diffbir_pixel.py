@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -32,8 +33,8 @@ LABELS = {"stage1": "stage 1 (SwinIR-S)", "s0": "two-stage, s = 0", "s1": "two-s
 def photos_by_size(data: Path) -> list[str]:
     from PIL import Image
 
-    files = sorted(data.glob("*.png"))
-    return [f.stem for f in sorted(files, key=lambda f: (Image.open(f).size[0] * Image.open(f).size[1], f.stem))]
+    area = {f.stem: math.prod(Image.open(f).size) for f in data.glob("*.png")}
+    return sorted(area, key=lambda stem: (area[stem], stem))
 
 
 def run_one(photo: Path, mode: str, out: Path, extra: list[str]) -> dict:
@@ -77,28 +78,23 @@ def table(out: Path) -> str:
 
 def sheet(out: Path, data: Path, path: Path, crop: int) -> int:
     """One row per finished photo: the nearest-upscaled input, then each mode's 1:1 centre crop."""
-    import torch
     import torch.nn.functional as F
 
     from blindsr.data.datasets import centre_crop
-    from blindsr.io.images import read_image, write_image
-    from blindsr.io.visual import contact_sheet
+    from blindsr.io.images import read_image
+    from blindsr.io.visual import contact_grid
 
-    done = sorted({r["photo"] for r in rows(out) if all((out / m / f"{r['photo']}.png").exists() for m in MODES)},
-                  key=lambda p: [r["photo"] for r in rows(out)].index(p))
+    order = dict.fromkeys(r["photo"] for r in rows(out))  # smallest first, each photo once
+    done = [p for p in order if all((out / m / f"{p}.png").exists() for m in MODES)]
     if not done:
         return 0
-
-    strips = []
+    panels, labels = [], []
     for p in done:
         lr = read_image(data / f"{p}.png")[:3]
         up = F.interpolate(lr[None], scale_factor=4, mode="nearest")[0]
-        panels = [centre_crop(up, crop)] + [centre_crop(read_image(out / m / f"{p}.png")[:3], crop) for m in MODES]
-        labels = [f"{p} {lr.shape[-1]}x{lr.shape[-2]} (nearest x4)"] + [LABELS[m] for m in MODES]
-        strips.append(contact_sheet(panels, labels, height=crop))
-    width = max(s.shape[-1] for s in strips)
-    strips = [F.pad(s, (0, width - s.shape[-1], 0, 6), value=1.0) for s in strips]
-    write_image(path, torch.cat(strips, dim=1), overwrite=True, quality=92)
+        panels.append([centre_crop(up, crop)] + [centre_crop(read_image(out / m / f"{p}.png")[:3], crop) for m in MODES])
+        labels.append([f"{p} {lr.shape[-1]}x{lr.shape[-2]} (nearest x4)"] + [LABELS[m] for m in MODES])
+    contact_grid(panels, labels, path, height=crop, overwrite=True)
     return len(done)
 
 
