@@ -10,7 +10,12 @@ Each run folder holds the trainer's ``log.csv`` (training loss every ``log_every
 and ``val.csv`` (the loss on the held-out crops, with the validation's fixed noise). Runs from the same seed see
 the same batches and noise, so their differences step by step are paired: the table gives the mean training loss
 over step windows, every validation value and (``--relative-to``) the mean paired difference to one run; the plot
-the moving mean over ``--window`` steps of the loss, or of the paired difference.
+the moving mean over ``--window`` steps of the loss, or of the paired difference. ``--key`` compares another
+logged column of any trainer's runs (UDDM's P-DDM reconstruction term, for one):
+
+    .venv/bin/python benchmarks/diffbir_pixel_variants.py "no penalty=docs/training/uddm_adapt_realsrset_full" \
+        "live penalty=docs/training/uddm_pddm_live" --key pddm/rec --window 50 --windows 1-250 251-500 501-1200 \
+        --png docs/images/uddm_pddm_live_rec.png
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=250, help="moving-mean window in steps")
     ap.add_argument("--windows", nargs="+", default=["1-500", "501-1000", "1001-1500"], help="table's step ranges")
     ap.add_argument("--relative-to", help="label of the run the others are compared with, step by step")
+    ap.add_argument("--key", default="loss", help="the log.csv column to compare")
     ap.add_argument("--png", type=Path)
     ap.add_argument("--md", type=Path)
     args = ap.parse_args(argv)
@@ -44,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     for spec in args.runs:
         label, _, path = spec.partition("=")
-        log = {int(r["step"]): float(r["loss"]) for r in read_csv(Path(path) / "log.csv")}
+        log = {int(r["step"]): float(r[args.key]) for r in read_csv(Path(path) / "log.csv")}
         val_file = Path(path) / "val.csv"
         val = {int(r["step"]): float(r["val_loss"]) for r in read_csv(val_file)} if val_file.exists() else {}
         runs[label] = (log, val)
@@ -52,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ranges = [tuple(int(x) for x in w.split("-")) for w in args.windows]
     val_steps = sorted({s for _, val in runs.values() for s in val})
     ref = runs[args.relative_to][0] if args.relative_to else None
-    head = ["run"] + [f"train loss, steps {a}–{b}" for a, b in ranges] + [f"val loss @ {s}" for s in val_steps]
+    head = ["run"] + [f"train {args.key}, steps {a}–{b}" for a, b in ranges] + [f"val loss @ {s}" for s in val_steps]
     head += [f"minus {args.relative_to}, steps {a}–{b}" for a, b in ranges] if ref else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, (log, val) in runs.items():

@@ -123,6 +123,28 @@ def test_gradients_reach_every_head_of_the_generator():
     assert d(torch.rand(2, 3, 32, 32)).shape == (2, 1, 7, 7)
 
 
+def test_the_live_range_penalty_is_zero_in_range_and_pulls_saturated_heads_back():
+    torch.manual_seed(0)
+    net = P.PDDM()
+    x = hr()
+    _, p = net.run(x, gen(0))
+    assert P.PDDM.saturation(p).item() == 0  # at the start every head is in range (σ, β, quality at ±6)
+    with torch.no_grad():  # the RealSRSet failure: a trunk whose features drive the heads to |z| >> 3
+        net.global_head.bias.copy_(torch.tensor([40.0, 40, -40, -40, -40, 40, -6, 0, -60]))
+    _, p = net.run(x, gen(0))
+    assert torch.allclose(p.gain, torch.tensor([1.5, 1.5, 0.5]).expand(2, 3))  # stuck at the bounds ...
+    net.zero_grad()
+    p.gain.sum().backward(retain_graph=True)
+    assert net.global_head.bias.grad.abs().max() < 1e-12  # ... where a loss on the output has no gradient
+    net.zero_grad()
+    sat = P.PDDM.saturation(p)
+    expect = ((40 - 3) ** 2 * 6 + (60 - 8) ** 2) / 9
+    assert sat.item() == pytest.approx(expect, rel=1e-5)  # the σ map is still in range
+    sat.backward()
+    step = -net.global_head.bias.grad  # the penalty's descent direction: every saturated pre-activation to 0
+    assert (step[[0, 1, 5]] < 0).all() and (step[[2, 3, 4, 8]] > 0).all() and (step[[6, 7]] == 0).all()
+
+
 def test_config_errors():
     for bad in (dict(kernel_size=20), dict(kernel="motion"), dict(ops=["blur", "sharpen"]), dict(jpeg_range=(5, 120)),
                 dict(down="nearest")):

@@ -52,7 +52,8 @@ def test_each_sub_step_trains_its_own_module_and_resume_is_exact(tmp_path, folde
     full = tmp_path / "full"
     assert train(full, folders) == 0
     rows = losses(full)
-    assert len(rows) == 3 and set(rows[0]) == {"ddm/loss", "d/loss", "pddm/loss", "pddm/rec", "pddm/adv"}
+    assert len(rows) == 3 and set(rows[0]) == {"ddm/loss", "d/loss", "pddm/loss", "pddm/rec", "pddm/adv",
+                                                 "pddm/live"}
     final = {"ddm": load_state_dict(full / "final.safetensors"),
              "pddm": load_state_dict(full / "final_pddm.safetensors")}
     for name in ("ddm", "pddm"):  # both learnt

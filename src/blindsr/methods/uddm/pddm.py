@@ -21,6 +21,12 @@ differentiable operators, so the degradation is content-aware and, where it matt
 The paper does not give the generator's architecture, the operator ranges or the initialisation; ours are in
 :class:`PDDMConfig` (every operator can be switched off: ``ops``). The heads start mild: a Gaussian kernel
 (``init_sigma``, 0.6 HR pixels at x4), no fading, no noise (σ ≈ 6e-5 · noise_max), JPEG quality ≈ 95.
+
+The bounded heads (tanh / sigmoid) can saturate: nothing bounds the trunk's features, and once a head's
+pre-activation is far outside its live range its gradient is ~0, so neither loss can bring it back (found on
+RealSRSet: pre-activations of 10-170, every fade / JPEG parameter frozen at a bound). :meth:`PDDM.saturation` is
+the hinge penalty the recipe adds (``loss.live``) to keep them within ``LIVE`` (|z| <= 3 for tanh, 8 for sigmoid:
+the sigmoid heads start at ±6); it is exactly 0 inside, so a run that never saturates trains exactly as without it.
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ from blindsr.degradations.operators import blur, gaussian_noise, imresize
 from blindsr.errors import BlindSRError
 
 OPS = ("blur", "fade", "noise", "jpeg")
+# live range of the global head's pre-activations: gain, bias (tanh), β, gray, quality (sigmoid); σ (sigmoid)
+LIVE = (3.0,) * 6 + (8.0,) * 3
+LIVE_SIGMA = 8.0
 
 
 @dataclass
@@ -81,6 +90,8 @@ class PDDMParams:
     sigma: Tensor           # (B, 1, h, w) noise standard deviation
     gray: Tensor            # (B,) share of gray noise
     quality: Tensor         # (B,) JPEG quality
+    logits: Tensor | None = None        # (B, 9) the global head's pre-activations (None when set by hand)
+    sigma_logits: Tensor | None = None  # (B, 1, h, w) the σ head's pre-activations
 
 
 # ------------------------------------------------------------------------------------------------ operators
@@ -184,16 +195,22 @@ class PDDM(nn.Module):
             kernel = logits.softmax(1)
         else:
             kernel = self.kernel_head(g).softmax(-1).view(b, k, k)
-        gl = self.global_head(g)
+        gl, sl = self.global_head(g), self.sigma_head(f)
         lo, hi = c.jpeg_range
         return PDDMParams(kernel=kernel, gain=1 + 0.5 * torch.tanh(gl[:, 0:3]), bias=0.2 * torch.tanh(gl[:, 3:6]),
-                          posterize=torch.sigmoid(gl[:, 6]), sigma=c.noise_max * torch.sigmoid(self.sigma_head(f)),
-                          gray=torch.sigmoid(gl[:, 7]), quality=lo + (hi - lo) * torch.sigmoid(gl[:, 8]))
+                          posterize=torch.sigmoid(gl[:, 6]), sigma=c.noise_max * torch.sigmoid(sl),
+                          gray=torch.sigmoid(gl[:, 7]), quality=lo + (hi - lo) * torch.sigmoid(gl[:, 8]),
+                          logits=gl, sigma_logits=sl)
 
-    def forward(self, hr: Tensor, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
-        """``generator``: one, or one per image (image i then does not depend on the batch it is in)."""
-        if isinstance(generator, list | tuple):
-            return torch.cat([self(hr[i:i + 1], g) for i, g in enumerate(generator)])
+    @staticmethod
+    def saturation(p: PDDMParams) -> Tensor:
+        """Mean squared excess of the heads' pre-activations over their live range (``LIVE``); 0 inside."""
+        live = torch.tensor(LIVE, device=p.logits.device, dtype=p.logits.dtype)
+        over = F.relu(p.logits.abs() - live).pow(2).mean()
+        return over + F.relu(p.sigma_logits.abs() - LIVE_SIGMA).pow(2).mean()
+
+    def run(self, hr: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, PDDMParams]:
+        """The LR and the parameters that made it (the recipe's live-range penalty reads them)."""
         c = self.config
         lr_shape = ((hr.shape[-2] - 1) // c.scale + 1, (hr.shape[-1] - 1) // c.scale + 1)
         p = self.params(hr)
@@ -201,7 +218,13 @@ class PDDM(nn.Module):
             p.sigma = F.interpolate(p.sigma, size=lr_shape, mode="nearest")
             if p.kernel.dim() == 4:
                 p.kernel = F.interpolate(p.kernel, size=lr_shape, mode="nearest")
-        return degrade(hr, p, c, generator)
+        return degrade(hr, p, c, generator), p
+
+    def forward(self, hr: Tensor, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
+        """``generator``: one, or one per image (image i then does not depend on the batch it is in)."""
+        if isinstance(generator, list | tuple):
+            return torch.cat([self(hr[i:i + 1], g) for i, g in enumerate(generator)])
+        return self.run(hr, generator)[0]
 
 
 class PatchDiscriminator(nn.Module):
@@ -223,5 +246,5 @@ class PatchDiscriminator(nn.Module):
         return self.net(x * 2 - 1)
 
 
-__all__ = ["OPS", "PDDMConfig", "PDDMParams", "PDDM", "PatchDiscriminator", "blur_down", "fade", "add_noise",
+__all__ = ["OPS", "LIVE", "LIVE_SIGMA", "PDDMConfig", "PDDMParams", "PDDM", "PatchDiscriminator", "blur_down", "fade", "add_noise",
            "degrade", "gaussian_logits"]

@@ -9,7 +9,8 @@ iteration runs three sub-steps on the same batch:
 3. ``pddm`` -- Eq. 5: ``‖P-DDM(HR) − HR↓r‖² + α L_adv`` (HR↓r: MATLAB bicubic); updates P-DDM only.
 
 Paper-silent choices (``loss`` section): α = 0.05, the hinge GAN loss, the squared L2 as a mean (MSE), the
-adversarial term from the first step. ``final.safetensors`` is the DDM's EMA UNet, ``final_pddm.safetensors``
+adversarial term from the first step; not in the paper, ``live`` = 1: a penalty that keeps P-DDM's bounded heads out
+of saturation (``PDDM.saturation``; 0 while they are in range). ``final.safetensors`` is the DDM's EMA UNet, ``final_pddm.safetensors``
 P-DDM's (and ``final_discriminator.safetensors``); the metadata ``config`` holds both architectures.
 
 ``model.ddm.backend: stablesr`` (``ddm_stablesr.py``) makes the "ddm" module the StableSR DDM's trainable part
@@ -47,11 +48,12 @@ class UDDMLoss:
     alpha: float = 0.05       # α of Eq. 5 (paper: not given)
     adv_loss: str = "hinge"   # hinge | bce
     adv_start: int = 0        # P-DDM's adversarial term from this step (D trains from the start)
+    live: float = 1.0         # weight of P-DDM's live-range penalty on its heads (0 = off; pddm.PDDM.saturation)
 
     def __post_init__(self) -> None:
         check_gan_loss(self.adv_loss)
-        if self.alpha < 0 or self.adv_start < 0:
-            raise BlindSRError("config: loss.alpha and loss.adv_start must be >= 0")
+        if self.alpha < 0 or self.adv_start < 0 or self.live < 0:
+            raise BlindSRError("config: loss.alpha, loss.adv_start and loss.live must be >= 0")
 
 
 def ddm_config(model: dict) -> DDMConfig:
@@ -132,16 +134,17 @@ def uddm_recipe(cfg: RunConfig) -> Recipe:
 
     def pddm_step(models: dict[str, nn.Module], batch: dict, g: torch.Generator, step: int) -> dict:
         hr = batch["hr"]
-        fake = models["pddm"](hr, g)
+        fake, params = models["pddm"].run(hr, g)
         with torch.no_grad():
             target = imresize(hr, scale=1 / d.scale)
         rec = F.mse_loss(fake.float(), target.float())  # Eq. 5's data term
-        terms = {"rec": rec}
+        terms = {"rec": rec, "loss": rec}
         if loss_cfg.alpha > 0 and step >= loss_cfg.adv_start:
             terms["adv"] = g_loss(models["discriminator"](fake), loss_cfg.adv_loss)
-            terms["loss"] = rec + loss_cfg.alpha * terms["adv"]
-        else:
-            terms["loss"] = rec
+            terms["loss"] = terms["loss"] + loss_cfg.alpha * terms["adv"]
+        if loss_cfg.live > 0:  # not in the paper: keeps the bounded heads trainable (pddm.py's docstring)
+            terms["live"] = PDDM.saturation(params)
+            terms["loss"] = terms["loss"] + loss_cfg.live * terms["live"]
         return terms
 
     steps = [SubStep("ddm", ddm_step, ("ddm",)), SubStep("pddm", pddm_step, ("pddm",))]
