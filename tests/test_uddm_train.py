@@ -64,6 +64,10 @@ def test_each_sub_step_trains_its_own_module_and_resume_is_exact(tmp_path, folde
     assert train(part, folders, "--max-steps", "2") == 0
     assert train(part, folders, "--resume", "auto") == 0
     assert losses(part) == rows
+    off = tmp_path / "off"  # the live-range penalty is 0 while P-DDM's heads are in range: the same run exactly
+    assert train(off, folders, "--set", "loss.live=0") == 0
+    assert all(r.pop("pddm/live") == 0 for r in rows) and losses(off) == rows
+    assert all(torch.equal(v, final["pddm"][k]) for k, v in load_state_dict(off / "final_pddm.safetensors").items())
 
 
 def test_the_sub_steps_touch_only_their_modules(tmp_path, folders):
