@@ -7,8 +7,9 @@ two-stage s = 1, time and peak memory per image, and one comparison sheet.
 
 Every (photo, mode) is one ``blindsr restore`` process, as a user runs it (the embedded SwinIR-S, IRControlNet
 and Prior-S; seed 0; the CLI's automatic tiling), so its wall time includes start-up and its peak RSS is its own
-(``os.wait4``). Results go to ``--out`` (``<mode>/<photo>.png`` + ``<mode>/<photo>.json``); a finished pair is
-skipped, so the run resumes, and two processes may share the work with disjoint ``--photos``. The sheet shows,
+(``os.wait4``). Outputs and logs go to ``--out`` (``<mode>/<photo>.png``, ignored by git); the measurements to
+``--record`` (``<mode>/<photo>.json``, committed, so the table survives a fresh clone). A recorded pair is skipped,
+so the run resumes, and two processes may share the work with disjoint ``--photos``. The sheet shows,
 per photo, a 1:1 centre crop of each output (full frames are far too large to commit); the table is Markdown.
 """
 
@@ -57,14 +58,14 @@ def run_one(photo: Path, mode: str, out: Path, extra: list[str]) -> dict:
             "threads": os.environ.get("OMP_NUM_THREADS", "default")}
 
 
-def rows(out: Path) -> list[dict]:
-    found = [json.loads(p.read_text()) for mode in MODES for p in sorted((out / mode).glob("*.json"))]
+def rows(record: Path) -> list[dict]:
+    found = [json.loads(p.read_text()) for mode in MODES for p in sorted((record / mode).glob("*.json"))]
     return sorted(found, key=lambda r: (r["output"][0] * r["output"][1], r["photo"], list(MODES).index(r["mode"])))
 
 
-def table(out: Path) -> str:
+def table(record: Path) -> str:
     by_photo: dict[str, dict[str, dict]] = {}
-    for r in rows(out):
+    for r in rows(record):
         by_photo.setdefault(r["photo"], {})[r["mode"]] = r
     lines = ["| photo | input → output | " + " | ".join(f"{LABELS[m]}: s / GiB" for m in MODES) + " |",
              "|---|---|" + "---|" * len(MODES)]
@@ -76,17 +77,18 @@ def table(out: Path) -> str:
     return "\n".join(lines)
 
 
-def sheet(out: Path, data: Path, path: Path, crop: int) -> int:
-    """One row per finished photo: the nearest-upscaled input, then each mode's 1:1 centre crop."""
+def sheet(out: Path, record: Path, data: Path, path: Path, crop: int) -> int:
+    """One row per recorded photo: the nearest-upscaled input, then each mode's 1:1 centre crop. Written only when
+    every recorded photo's outputs are in ``out`` (a fresh clone has the records, not the outputs: keep the sheet)."""
     import torch.nn.functional as F
 
     from blindsr.data.datasets import centre_crop
     from blindsr.io.images import read_image
     from blindsr.io.visual import contact_grid
 
-    order = dict.fromkeys(r["photo"] for r in rows(out))  # smallest first, each photo once
+    order = dict.fromkeys(r["photo"] for r in rows(record))  # smallest first, each photo once
     done = [p for p in order if all((out / m / f"{p}.png").exists() for m in MODES)]
-    if not done:
+    if not done or len(done) < len(order):
         return 0
     panels, labels = [], []
     for p in done:
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, help="DDPM steps (default: the pixel preset's 25)")
     ap.add_argument("--tile-overlap", type=int, help="diffusion tile overlap in px (default: the preset's 128)")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "realsrset_diffbir_pixel")
+    ap.add_argument("--record", type=Path, default=REPO / "docs" / "results" / "realsrset_diffbir_pixel")
     ap.add_argument("--sheet", type=Path, default=REPO / "docs" / "images" / "diffbir_pixel_realsrset.jpg")
     ap.add_argument("--crop", type=int, default=192, help="side of each panel's 1:1 centre crop")
     ap.add_argument("--sheet-only", action="store_true")
@@ -117,15 +120,20 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.photos or photos_by_size(args.data):
             photo = args.data / f"{name}.png"
             for mode in args.modes:
-                if (args.out / mode / f"{name}.json").exists():
+                rec = args.record / mode / f"{name}.json"
+                if rec.exists():
                     continue
                 r = run_one(photo, mode, args.out, extra)
                 r["settings"] = extra
-                (args.out / mode / f"{name}.json").write_text(json.dumps(r, indent=1))
+                rec.parent.mkdir(parents=True, exist_ok=True)
+                tmp = rec.with_suffix(".tmp")
+                tmp.write_text(json.dumps(r, indent=1))
+                tmp.replace(rec)
                 print(f"{name} {mode}: {r['wall_s']} s, {r['peak_rss_gib']} GiB", flush=True)
-    n = sheet(args.out, args.data, args.sheet, args.crop)
-    print(table(args.out))
-    print(f"sheet: {args.sheet} ({n} photos)" if n else "sheet: no photo has every mode yet")
+    n = sheet(args.out, args.record, args.data, args.sheet, args.crop)
+    print(table(args.record))
+    print(f"sheet: {args.sheet} ({n} photos)" if n else f"sheet: kept ({args.sheet}); not every recorded output is in "
+          f"{args.out}")
     return 0
 
 
