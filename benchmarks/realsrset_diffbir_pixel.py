@@ -86,18 +86,17 @@ def sheet(out: Path, record: Path, data: Path, path: Path, crop: int) -> int:
     from blindsr.io.images import read_image
     from blindsr.io.visual import contact_grid
 
-    order = dict.fromkeys(r["photo"] for r in rows(record))  # smallest first, each photo once
-    done = [p for p in order if all((out / m / f"{p}.png").exists() for m in MODES)]
-    if not done or len(done) < len(order):
+    order = list(dict.fromkeys(r["photo"] for r in rows(record)))  # smallest first, each photo once
+    if not order or not all((out / m / f"{p}.png").exists() for p in order for m in MODES):
         return 0
     panels, labels = [], []
-    for p in done:
+    for p in order:
         lr = read_image(data / f"{p}.png")[:3]
         up = F.interpolate(lr[None], scale_factor=4, mode="nearest")[0]
         panels.append([centre_crop(up, crop)] + [centre_crop(read_image(out / m / f"{p}.png")[:3], crop) for m in MODES])
         labels.append([f"{p} {lr.shape[-1]}x{lr.shape[-2]} (nearest x4)"] + [LABELS[m] for m in MODES])
     contact_grid(panels, labels, path, height=crop, overwrite=True)
-    return len(done)
+    return len(order)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sheet-only", action="store_true")
     args = ap.parse_args(argv)
 
+    from blindsr.io.images import atomic_write
+
     extra = (["--steps", str(args.steps)] if args.steps else []) + \
         (["--tile-overlap", str(args.tile_overlap)] if args.tile_overlap is not None else [])
     if not args.sheet_only:
@@ -125,10 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 r = run_one(photo, mode, args.out, extra)
                 r["settings"] = extra
-                rec.parent.mkdir(parents=True, exist_ok=True)
-                tmp = rec.with_suffix(".tmp")
-                tmp.write_text(json.dumps(r, indent=1))
-                tmp.replace(rec)
+                with atomic_write(rec, "w") as f:
+                    json.dump(r, f, indent=1)
                 print(f"{name} {mode}: {r['wall_s']} s, {r['peak_rss_gib']} GiB", flush=True)
     n = sheet(args.out, args.record, args.data, args.sheet, args.crop)
     print(table(args.record))
