@@ -12,8 +12,9 @@ blindsr ``load_pipeline(w)(lr, sampler="ddpm", lam=1, lam_ref_steps=0, norm="l2"
 Same noise: generators seeded alike; the official module's ``th.randn_like`` draws from its generator (x_T
 first, then one draw per step, blindsr's order). Each (implementation, size, round) runs in its own subprocess
 (own peak RSS; an ``RLIMIT_AS`` cap makes OOM a result), interleaved; timed: sampling only, after loading and a
-warm-up at LR 16². "blindsr-tiled" is ``blindsr sr``'s automatic tiling (3 GiB minus the RSS after loading),
-run where untiled blindsr does not fit the cap (``--tiled-always``: wherever that budget tiles). Max abs diff:
+warm-up at LR 16² ("blindsr-compiled", ``blindsr sr --compile``: at the timed size, and that first run,
+compile included, is printed beside it; the timed run is what the next same-size photo or tile sees).
+"blindsr-tiled" is ``blindsr sr``'s automatic tiling (3 GiB minus the RSS after loading), run where untiled blindsr does not fit the cap (``--tiled-always``: wherever that budget tiles). Max abs diff:
 clamped outputs, over the pixels finite in both. ``--check-steps``: an extra, untimed equality check (a
 few-step sampler may diverge). The official ``__init__`` files (cv2, data, models, ...) are not run:
 ``basicsr``, ``basicsr.archs``, ``basicsr.utils`` are stand-in packages whose ``__path__`` is the checkout,
@@ -38,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WEIGHTS = ROOT / "benchmarks/weights/blinddiff_s_stage1_eps.safetensors"
 DEFAULT_IMAGE = ROOT.parent / "shared/data/real-lr/RealSRSet/tiger.png"
-IMPLS = ("official", "blindsr", "blindsr-tiled")
+IMPLS = ("official", "blindsr", "blindsr-compiled", "blindsr-tiled")
 
 
 # ------------------------------------------------------------------------------------------ the official code
@@ -109,11 +110,12 @@ def official_sampler(args, model_cfg: dict):
     return run
 
 
-def blindsr_sampler(args, tiled: bool):
+def blindsr_sampler(args, tiled: bool, compiled: bool = False):
     from blindsr.device import resident_memory
     from blindsr.methods.blinddiff import load_pipeline
 
     pipe = load_pipeline(args.weights, device=args.device)
+    pipe.model.compiled_blocks = compiled  # `blindsr sr --compile`
     if pipe.config.prediction != "eps":
         raise SystemExit(f"{args.weights} predicts {pipe.config.prediction!r}; the official code needs eps")
     opts = dict(steps=args.steps, sampler="ddpm", lam=1.0, lam_ref_steps=0, norm="l2", x0_reg=0.1,
@@ -164,7 +166,8 @@ def child(args) -> None:
 
     torch.set_num_threads(args.threads)
     cfg = read_config(Path(args.weights))
-    run = official_sampler(args, cfg["model"]) if impl == "official" else blindsr_sampler(args, impl != "blindsr")
+    run = (official_sampler(args, cfg["model"]) if impl == "official"
+           else blindsr_sampler(args, impl == "blindsr-tiled", impl == "blindsr-compiled"))
     cuda = args.device.startswith("cuda")
     base = torch.cuda.memory_allocated() if cuda else resident_memory()
     result = {"impl": impl, "size": size}
@@ -172,7 +175,11 @@ def child(args) -> None:
         print("RESULT " + json.dumps({**result, "status": "not tiled", "tile": None}), flush=True)
         return
     try:
-        run(make_lr(args.image, 16).to(args.device), torch.Generator().manual_seed(args.seed))  # warm-up
+        # warm-up; compiled: at the timed size, so that it compiles (or loads inductor's disk cache) there
+        t0 = time.perf_counter()
+        warm = size if impl == "blindsr-compiled" else 16
+        run(make_lr(args.image, warm).to(args.device), torch.Generator().manual_seed(args.seed))
+        result["first_seconds"] = time.perf_counter() - t0
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -227,6 +234,8 @@ def fmt_table(args, results: dict, diffs: dict) -> str:
                 continue
             ok = [r for r in runs if r.get("status") == "ok"]
             label = impl if impl != "blindsr-tiled" or not ok else f"blindsr tiled ({ok[0]['tile']}² HR tiles)"
+            if impl == "blindsr-compiled" and ok:  # round 0 compiles from scratch unless the disk cache has it
+                label += " (first run with compile: " + " / ".join(f"{r['first_seconds']:.0f}" for r in ok) + " s)"
             head = f"{size}² → {4 * size}² | {label}"
             if not ok:
                 rows.append(f"{head} | {runs[0]['status']} | – | – | – | – | –")

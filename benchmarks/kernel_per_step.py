@@ -23,7 +23,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from blindsr.degradations.kernels import GAUSSIAN8_SIGMAS, gaussian8_kernels, gaussian_kernel  # noqa: E402
+from blindsr.degradations.kernels import (  # noqa: E402
+    GAUSSIAN8_SIGMAS,
+    gaussian8_kernels,
+    gaussian_kernel,
+    kernel_moments,
+)
 from blindsr.degradations.pipelines import get_preset  # noqa: E402
 from blindsr.io.images import list_images, read_image, write_bytes_atomic  # noqa: E402
 from blindsr.methods.blinddiff import load_pipeline  # noqa: E402
@@ -32,6 +37,17 @@ from blindsr.weights import EMBEDDED, embedded_path  # noqa: E402
 
 def l1(k_hat: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return (k_hat - k).abs().flatten(-2).sum(-1)
+
+
+def moment_gaussian(k: torch.Tensor) -> torch.Tensor:
+    """The centred Gaussian with the covariance of each kernel (..., n, n) (a projection onto Gaussians)."""
+    _, cov = kernel_moments(k)
+    n = k.shape[-1]
+    r = torch.arange(n, dtype=torch.float64) - n // 2
+    p = torch.stack(torch.meshgrid(r, r, indexing="xy"), -1)  # (n, n, 2) as (x, y)
+    inv = torch.linalg.inv(cov)[..., None, None, :, :]
+    g = torch.exp(-0.5 * (p[..., None, :] @ inv @ p[..., :, None])[..., 0, 0])
+    return (g / g.sum((-2, -1), keepdim=True)).to(k.dtype)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=0, help="only the first N images (0 = all)")
     ap.add_argument("--plot", help="PNG of the per-step curves")
     ap.add_argument("--json", help="write the numbers here")
+    ap.add_argument("--save-kernels", help="torch file of every estimate: {model: (images, steps, 8, 21, 21)}")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -57,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     files, _ = list_images([Path(args.data) / args.set])
     files = files[: args.images] if args.images else files
     results = {"baseline_fixed_sigma2.6": fixed, "models": {}}
+    raw = {}
     for m in args.models:
         pipe = load_pipeline(embedded_path(m) if m in EMBEDDED else m)
         per_step, of_mean = [], []  # (images, steps, 8), (images, 8)
@@ -70,16 +88,23 @@ def main(argv: list[str] | None = None) -> int:
             gens = [torch.Generator().manual_seed(1009 * i + j) for j in range(8)]
             traj = pipe(lr, generator=gens, return_trajectory=True).kernels_traj  # (steps, 8, 21, 21)
             per_step.append(l1(traj, kernels[None]))
+            raw.setdefault(m, []).append(traj)
             of_mean.append(l1(traj.mean(0), kernels))
         steps = torch.stack(per_step)
         curve = steps.mean((0, 2))
         avg = torch.stack(of_mean).mean().item()
+        lasts = torch.stack([t[-1] for t in raw[m]])  # (images, 8, 21, 21)
+        sigma_hat = kernel_moments(lasts)[1].diagonal(dim1=-2, dim2=-1).mean(-1).sqrt().mean(0)  # per true sigma
+        proj = l1(moment_gaussian(lasts), kernels).mean().item()
         results["models"][m] = {"per_step": curve.tolist(), "last": curve[-1].item(), "mean_of_steps": avg,
-                                "per_sigma_last": steps[:, -1].mean(0).tolist()}
+                                "per_sigma_last": steps[:, -1].mean(0).tolist(), "moment_gaussian_last": proj,
+                                "sigma_hat_last": sigma_hat.tolist()}
         print(f"{m}: per step " + " ".join(f"{v:.3f}" for v in curve.tolist()) + f"; shipped (last) "
               f"{curve[-1]:.3f}; mean of the steps' kernels {avg:.3f}; last per sigma " + " ".join(
                   f"{s}:{v:.2f}" for s, v in zip(GAUSSIAN8_SIGMAS, steps[:, -1].mean(0).tolist(), strict=True)),
               flush=True)
+        print(f"  the last estimate as a Gaussian of its own covariance: {proj:.3f}; its sigma per true sigma "
+              + " ".join(f"{s}:{v:.2f}" for s, v in zip(GAUSSIAN8_SIGMAS, sigma_hat.tolist(), strict=True)), flush=True)
     if args.plot:
         import csv
         import tempfile
@@ -95,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                 for j in range(len(results["models"][names[0]]["per_step"])):
                     w.writerow([j + 1, *(results["models"][n]["per_step"][j] for n in names), fixed])
             plot_losses(path, args.plot, keys=[*names, "best fixed Gaussian"], log_y=False)
+    if args.save_kernels:
+        torch.save({m: torch.stack(v) for m, v in raw.items()}, args.save_kernels)
     if args.json:
         write_bytes_atomic(Path(args.json), json.dumps(results, indent=1).encode())
     return 0

@@ -193,3 +193,29 @@ def test_sr_model_list_and_choice_errors(ckpt, tmp_path, capsys):
     img = _img(tmp_path / "x.png", (8, 8, 3))
     assert main(["sr", str(img), "--model", "blinddiff-s", "--ckpt", str(ckpt), "-o", str(tmp_path / "o")]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_sr_compile_same_output_and_missing_compiler(ckpt, tmp_path, capsys, monkeypatch):
+    """``--compile`` (torch.compile'd blocks) writes what the eager run writes (within one 8-bit level); without
+    a C++ compiler it is a one-line error before any work."""
+    from blindsr.device import check_compiler
+    from blindsr.errors import BlindSRError
+
+    try:
+        check_compiler(torch.device("cpu"))
+    except BlindSRError as e:
+        pytest.skip(str(e))
+    src = _img(tmp_path / "small.png", (4, 4, 3), seed=5)  # 16x16 HR: the shapes of test_mcformer's compile test
+    outs = []
+    for extra in ([], ["--compile"]):
+        out = tmp_path / f"out{len(outs)}"
+        assert main(["sr", str(src), "--ckpt", str(ckpt), "-o", str(out), "--device", "cpu", *extra]) == 0
+        outs.append(np.asarray(Image.open(out / "small.png")).astype(int))
+    capsys.readouterr()
+    assert np.abs(outs[0] - outs[1]).max() <= 1
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    assert main(["sr", str(src), "--ckpt", str(ckpt), "-o", str(tmp_path / "out9"), "--compile"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["blindsr: error: --compile on the CPU needs a C++ compiler (no-such-compiler-xyz) on PATH; "
+                   "install one (e.g. apt-get install g++) or drop --compile"]
+    assert not (tmp_path / "out9").exists()

@@ -240,3 +240,30 @@ def test_modulation_off_full_layout_and_inference():
     assert count_parameters(model) == 25_206_355  # 26,509,267 - 1,260,672 (modulation) - 42,240 (t/k MLPs)
     assert infer_config(sd) == MCFormerConfig.full(modulation=False)
     assert to_dict(MCFormerConfig.full())["modulation"] is True
+
+
+# ---- 8. compiled blocks (`blindsr sr --compile`) ------------------------------------------------------------------
+def test_compiled_blocks_same_output_and_guidance_gradient(ref):
+    """torch.compile'd blocks: same forward and same d(loss)/d(x_t) as eager (frozen weights, the guided step's
+    case), and the blocks really went through dynamo (graphs compiled)."""
+    from torch._dynamo.utils import counters
+
+    from blindsr.device import check_compiler
+
+    try:
+        check_compiler(torch.device("cpu"))
+    except BlindSRError as e:
+        pytest.skip(str(e))
+    model = MCFormer(MCFormerConfig.tiny()).eval().requires_grad_(False)
+    model.load_state_dict(ref["state_dict"])
+    x_t, t, cond = ref["x_t"][:1, :, :16, :16], ref["t"][:1], ref["cond"][:1, :, :4, :4]
+    results = []
+    for compiled in (False, True):
+        model.compiled_blocks = compiled
+        x = x_t.clone().requires_grad_(True)
+        out, kernel = model(x, t, cond)
+        (grad,) = torch.autograd.grad(out.square().mean() + kernel.square().sum(), x)
+        results.append((out.detach(), grad))
+    assert counters["stats"]["unique_graphs"] >= 4  # one per distinct block (width, heads, size) of the tiny net
+    torch.testing.assert_close(results[1][0], results[0][0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-6, rtol=1e-4)

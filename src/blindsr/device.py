@@ -132,3 +132,17 @@ def sampling_budget(spec: str | float | None, device: torch.device) -> int | Non
     if budget is not None and device.type == "cpu":
         budget -= resident_memory()
     return budget
+
+
+def check_compiler(device: torch.device) -> None:
+    """``--compile`` on the CPU: torch inductor builds C++ kernels, so a C++ compiler must be on PATH (``CXX``,
+    else c++ / g++ / clang++); a one-line error instead of inductor's traceback at the first step."""
+    import os
+    import shutil
+
+    if device.type != "cpu":
+        return
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+    if not any(shutil.which(n) for n in names):
+        raise BlindSRError(f"--compile on the CPU needs a C++ compiler ({' / '.join(names)}) on PATH; "
+                           "install one (e.g. apt-get install g++) or drop --compile")

@@ -32,6 +32,8 @@ model keeps time conditioning (the official code has no switch); this is the pla
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +185,7 @@ class MCFormer(nn.Module):
         cfg = self.config = config or MCFormerConfig()
         d, nb, hd = cfg.dim, cfg.num_blocks, cfg.heads
         self.gradient_checkpointing = False  # set True to trade compute for memory in training
+        self.compiled_blocks = False  # set True to run the blocks through torch.compile (`blindsr sr --compile`)
 
         def stage(width: int, heads: int, n: int) -> nn.ModuleList:
             return nn.ModuleList(ModulatedBlock(width, heads, cfg.ffn_expansion_factor, cfg.bias,
@@ -289,18 +292,28 @@ class MCFormer(nn.Module):
         if self.config.modulation:  # t_emb + k_emb drives every block's modulation (Fig. 3)
             emb = self.t_embedder(t) + self.k_mlp(kernel.to(self.k_mlp[0].weight.dtype))
 
-        enc1 = run_blocks(self.encoder_level1, self.patch_embed(a), emb, ckpt)
-        enc2 = run_blocks(self.encoder_level2, self.down1_2(enc1), emb, ckpt)
-        enc3 = run_blocks(self.encoder_level3, self.down2_3(enc2), emb, ckpt)
-        lat = run_blocks(self.latent, self.down3_4(enc3), emb, ckpt)
-        dec3 = self.reduce_chan_level3(torch.cat([self.up4_3(lat), enc3], dim=1))
-        dec3 = run_blocks(self.decoder_level3, dec3, emb, ckpt)
-        dec2 = self.reduce_chan_level2(torch.cat([self.up3_2(dec3), enc2], dim=1))
-        dec2 = run_blocks(self.decoder_level2, dec2, emb, ckpt)
-        dec1 = run_blocks(self.decoder_level1, torch.cat([self.up2_1(dec2), enc1], dim=1), emb, ckpt)
-        dec1 = run_blocks(self.refinement, dec1, emb, ckpt)
+        with _recompile_room(self.compiled_blocks):
+            blocks = functools.partial(run_blocks, emb=emb, use_checkpoint=ckpt, compiled=self.compiled_blocks)
+            enc1 = blocks(self.encoder_level1, self.patch_embed(a))
+            enc2 = blocks(self.encoder_level2, self.down1_2(enc1))
+            enc3 = blocks(self.encoder_level3, self.down2_3(enc2))
+            lat = blocks(self.latent, self.down3_4(enc3))
+            dec3 = blocks(self.decoder_level3, self.reduce_chan_level3(torch.cat([self.up4_3(lat), enc3], dim=1)))
+            dec2 = blocks(self.decoder_level2, self.reduce_chan_level2(torch.cat([self.up3_2(dec3), enc2], dim=1)))
+            dec1 = blocks(self.decoder_level1, torch.cat([self.up2_1(dec2), enc1], dim=1))
+            dec1 = blocks(self.refinement, dec1)
         residual = torch.cat([x_t, x_t], dim=1) if self.config.learn_sigma else x_t  # added to BOTH halves
         return (self.output(dec1) + residual).contiguous(), kernel
+
+
+def _recompile_room(compiled: bool):
+    """Compiled blocks need 5 graphs per input shape and grad mode (dynamo's default limit is 8 per function):
+    room for about 12 shapes / modes before it would fall back to eager."""
+    if not compiled:
+        return contextlib.nullcontext()
+    import torch._dynamo
+
+    return torch._dynamo.config.patch(recompile_limit=max(64, torch._dynamo.config.recompile_limit))
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -294,7 +294,8 @@ def load_pipeline(ckpt: str | Path | None = None, device: str | torch.device = "
         model = MCFormer(MCFormerConfig.from_official(model_cfg))
         load_into(model, sd, strict=True)
         bd = from_dict(BlindDiffConfig, bd_cfg, "blinddiff")
-    return BlindDiffPipeline(model.to(device=device, dtype=dtype).eval(), bd)
+    # frozen: the guidance gradient is taken w.r.t. x_t only (compiled blocks would otherwise form weight grads)
+    return BlindDiffPipeline(model.to(device=device, dtype=dtype).eval().requires_grad_(False), bd)
 
 
 def save_pipeline(pipe: BlindDiffPipeline, path: str | Path) -> None:
