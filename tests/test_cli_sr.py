@@ -219,3 +219,21 @@ def test_sr_compile_same_output_and_missing_compiler(ckpt, tmp_path, capsys, mon
     assert err == ["blindsr: error: --compile on the CPU needs a C++ compiler (no-such-compiler-xyz) on PATH; "
                    "install one (e.g. apt-get install g++) or drop --compile"]
     assert not (tmp_path / "out9").exists()
+
+
+def test_sr_compile_without_python_headers_is_one_line(ckpt, tmp_path, capsys, monkeypatch):
+    """Inductor's C++ kernels include Python.h: without the headers, one line and exit code 2, before any work."""
+    import shutil
+    import sysconfig
+
+    if not shutil.which("c++") and not shutil.which("g++") and not shutil.which("clang++"):
+        pytest.skip("no C++ compiler: the compiler check fires first")
+    real = sysconfig.get_path
+    monkeypatch.setattr(sysconfig, "get_path", lambda name, *a, **k: str(tmp_path) if name == "include"
+                        else real(name, *a, **k))
+    src = _img(tmp_path / "small.png", (4, 4, 3), seed=5)
+    assert main(["sr", str(src), "--ckpt", str(ckpt), "-o", str(tmp_path / "out"), "--compile"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"blindsr: error: --compile on the CPU needs Python's C headers ({tmp_path / 'Python.h'} is "
+                   "missing); install them (e.g. apt-get install python3-dev) or drop --compile"]
+    assert not (tmp_path / "out").exists()

@@ -136,9 +136,12 @@ def sampling_budget(spec: str | float | None, device: torch.device) -> int | Non
 
 def check_compiler(device: torch.device) -> None:
     """``--compile`` on the CPU: torch inductor builds C++ kernels, so a C++ compiler must be on PATH (``CXX``,
-    else c++ / g++ / clang++); a one-line error instead of inductor's traceback at the first step."""
+    else c++ / g++ / clang++) and Python's C headers where inductor looks for them (``sysconfig``'s include
+    folder); a one-line error instead of inductor's traceback at the first step."""
     import os
     import shutil
+    import sysconfig
+    from pathlib import Path
 
     if device.type != "cpu":
         return
@@ -146,3 +149,7 @@ def check_compiler(device: torch.device) -> None:
     if not any(shutil.which(n) for n in names):
         raise BlindSRError(f"--compile on the CPU needs a C++ compiler ({' / '.join(names)}) on PATH; "
                            "install one (e.g. apt-get install g++) or drop --compile")
+    headers = Path(sysconfig.get_path("include")) / "Python.h"
+    if not headers.is_file():
+        raise BlindSRError(f"--compile on the CPU needs Python's C headers ({headers} is missing); install them "
+                           "(e.g. apt-get install python3-dev) or drop --compile")
