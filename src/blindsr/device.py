@@ -135,14 +135,20 @@ def sampling_budget(spec: str | float | None, device: torch.device) -> int | Non
 
 
 def check_compiler(device: torch.device) -> None:
-    """``--compile`` on the CPU: torch inductor builds C++ kernels, so a C++ compiler must be on PATH (``CXX``,
-    else c++ / g++ / clang++) and Python's C headers where inductor looks for them (``sysconfig``'s include
-    folder); a one-line error instead of inductor's traceback at the first step."""
+    """What ``--compile`` (torch inductor) needs: Triton on CUDA; on the CPU a C++ compiler on PATH (``CXX``, else
+    c++ / g++ / clang++) and Python's C headers where inductor looks for them (``sysconfig``'s include folder).
+    A one-line error instead of inductor's traceback at the first step."""
     import os
     import shutil
     import sysconfig
     from pathlib import Path
 
+    if device.type == "cuda":  # inductor's GPU kernels are Triton kernels
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            raise BlindSRError("--compile on CUDA needs Triton (pip install triton); drop --compile without it")
+        return
     if device.type != "cpu":
         return
     names = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]

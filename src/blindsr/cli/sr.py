@@ -69,9 +69,9 @@ def register(subparsers, help_: str) -> None:
     p.add_argument("--batch-size", type=int, default=1, metavar="B", help="images per batch (same size only)")
     p.add_argument("--compile", action="store_true",
                    help="BlindDiff: run the transformer blocks through torch.compile (needs a C++ compiler on the "
-                        "CPU). Each new input or tile shape first compiles (about 10 s with inductor's disk cache, "
-                        "over a minute without); then every step is about 1.3-1.5x faster: for long runs, folders "
-                        "of same-size photos, or tiled photos")
+                        "CPU). Each new input or tile shape first compiles (10-40 s with inductor's disk cache, "
+                        "about a minute or more without); then sampling is about 1.1-1.25x faster (measured on 2 "
+                        "CPU cores): for long runs, folders of same-size photos, or tiled photos")
     p.add_argument("--save-kernel", action="store_true", help="also write NAME_kernel.png and NAME_kernel.npy")
     p.add_argument("--save-trajectory", action="store_true",
                    help="also write NAME_trajectory.png (x0 estimates) and NAME_kernels.npy (kernel per step)")
