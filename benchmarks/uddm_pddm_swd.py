@@ -5,6 +5,7 @@ mean-removed patches of P-DDM's LR of the HR images and of the real LR (the `ada
         --real-lr ../shared/data/real-lr/RealSRSet --hr runs/uddm_bench/phone/hr
 
 Image i is degraded with a generator seeded i, the patches are drawn with seed 0, so runs compare alike.
+``--lr-dirs``: the same distance for folders of synthetic LR (e.g. ``blindsr degrade --preset uddm --set w=0``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from blindsr.methods.uddm.report import patches, sliced_wasserstein  # noqa: E40
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", help="UDDM run folders (blindsr uddm fit / adapt's uddm/)")
+    ap.add_argument("runs", nargs="*", help="UDDM run folders (blindsr uddm fit / adapt's uddm/)")
+    ap.add_argument("--lr-dirs", nargs="*", default=[], type=Path, metavar="DIR",
+                    help="also: folders of synthetic LR (a `blindsr degrade` output: its lr/), same distance")
     ap.add_argument("--real-lr", type=Path, required=True)
     ap.add_argument("--hr", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -40,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         got = patches(lrs, generator=torch.Generator().manual_seed(0))
         swd = float(sliced_wasserstein(got, ref, generator=torch.Generator().manual_seed(0)))
         print(f"{run}: P-DDM alone, SWD to the real LR {swd:.4f} ({len(hr)} HR images, {len(real)} real LR)")
+    for d in args.lr_dirs:
+        lrs = [read_image(f)[:3] for f in list_images([d / "lr" if (d / "lr").is_dir() else d])[0]]
+        got = patches(lrs, generator=torch.Generator().manual_seed(0))
+        swd = float(sliced_wasserstein(got, ref, generator=torch.Generator().manual_seed(0)))
+        print(f"{d}: SWD to the real LR {swd:.4f} ({len(lrs)} LR images, {len(real)} real LR)")
     return 0
 
 
