@@ -37,17 +37,19 @@ def main(argv: list[str] | None = None) -> int:
     real = [read_image(f)[:3] for f in list_images([args.real_lr])[0]]
     hr = [read_image(f)[:3] for f in list_images([args.hr])[0]]
     ref = patches(real, generator=torch.Generator().manual_seed(0))
+
+    def swd_to_real(lrs) -> float:  # the same patch draw and projections for every set
+        got = patches(lrs, generator=torch.Generator().manual_seed(0))
+        return float(sliced_wasserstein(got, ref, generator=torch.Generator().manual_seed(0)))
+
     for run in args.runs:
         pddm = load_uddm(run).pddm
         lrs = [pddm(h[None], torch.Generator().manual_seed(i))[0].clamp(0, 1) for i, h in enumerate(hr)]
-        got = patches(lrs, generator=torch.Generator().manual_seed(0))
-        swd = float(sliced_wasserstein(got, ref, generator=torch.Generator().manual_seed(0)))
-        print(f"{run}: P-DDM alone, SWD to the real LR {swd:.4f} ({len(hr)} HR images, {len(real)} real LR)")
+        print(f"{run}: P-DDM alone, SWD to the real LR {swd_to_real(lrs):.4f} ({len(hr)} HR images, "
+              f"{len(real)} real LR)")
     for d in args.lr_dirs:
         lrs = [read_image(f)[:3] for f in list_images([d / "lr" if (d / "lr").is_dir() else d])[0]]
-        got = patches(lrs, generator=torch.Generator().manual_seed(0))
-        swd = float(sliced_wasserstein(got, ref, generator=torch.Generator().manual_seed(0)))
-        print(f"{d}: SWD to the real LR {swd:.4f} ({len(lrs)} LR images, {len(real)} real LR)")
+        print(f"{d}: SWD to the real LR {swd_to_real(lrs):.4f} ({len(lrs)} LR images, {len(real)} real LR)")
     return 0
 
 
