@@ -14,6 +14,7 @@ from blindsr.config import to_dict
 from blindsr.degradations.kernels import gaussian_kernel
 from blindsr.errors import BlindSRError
 from blindsr.methods.blinddiff import BlindDiffConfig, degrade, training_losses
+from blindsr.methods.blinddiff.config import BlindDiffLossConfig
 from blindsr.methods.blinddiff.recipe import blinddiff_recipe
 from blindsr.models.mcformer import MCFormer, MCFormerConfig, count_parameters, infer_config
 from blindsr.train.config import RunConfig, from_dict
@@ -186,3 +187,41 @@ def test_x0_prediction_passes_through_the_recipe(hr_folder, tmp_path):
     hr = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     terms = recipe.steps[0].loss_fn(recipe.modules, hr, torch.Generator().manual_seed(0), 0)
     assert torch.isfinite(terms["loss"]) and set(terms) == {"mse", "vb", "kernel", "loss"}
+
+
+def test_kernel_head_only_trains_the_head_alone(hr_folder, tmp_path):
+    """loss.kernel_head_only: only MCFormer.predictor moves, on the kernel loss alone, and the kernel it is trained
+    on is the one forward returns (the denoiser sees the same estimate)."""
+    from safetensors.torch import save_file
+
+    from blindsr.io.weights import load_state_dict
+    from blindsr.train.run import run_training
+
+    torch.manual_seed(5)
+    init = MCFormer(MCFormerConfig.tiny()).state_dict()
+    save_file({k: v.contiguous() for k, v in init.items()}, str(tmp_path / "init.safetensors"))
+    cfg = _run_config(hr_folder, tmp_path)
+    cfg.loss = {"kernel_loss": "l1", "kernel_weight": 1.0, "kernel_head_only": True}
+    with pytest.raises(BlindSRError, match="set train.init_from"):
+        blinddiff_recipe(cfg)
+    cfg.train.init_from = str(tmp_path / "init.safetensors")
+    cfg.train.max_steps, cfg.train.ema_decay, cfg.optim.lr = 3, 0.0, 1e-2  # EMA 0: the export is the last weights
+    recipe = blinddiff_recipe(cfg)
+    model = recipe.modules["model"]
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {n for n, _ in model.named_parameters() if n.startswith("predictor.")}
+    hr = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    terms = recipe.steps[0].loss_fn(recipe.modules, hr, torch.Generator().manual_seed(0), 0)
+    assert set(terms) == {"kernel", "loss"} and torch.allclose(terms["loss"], terms["kernel"])
+
+    x_t, lr = torch.randn(2, 3, 32, 32), torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        out, k = model(x_t, torch.tensor([3, 400]), lr, kernel_only=True)
+        assert out is None and torch.equal(k, model(x_t, torch.tensor([3, 400]), lr)[1])
+
+    final = load_state_dict(run_training(cfg, device="cpu", progress=False).final)
+    moved = {k for k, v in init.items() if not torch.equal(final[k], v)}
+    assert moved and all(k.startswith("predictor.") for k in moved)
+    assert {k for k in init if k.startswith("predictor.") and k.endswith("weight")} <= moved
+    with pytest.raises(BlindSRError, match="kernel_weight must be > 0"):
+        BlindDiffLossConfig(kernel_head_only=True, kernel_weight=0.0)

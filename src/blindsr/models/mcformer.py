@@ -274,20 +274,30 @@ class MCFormer(nn.Module):
             return logits
         return logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=1)
 
-    def forward(self, x_t: Tensor, t: Tensor | int | float, cond: Tensor) -> tuple[Tensor, Tensor]:
-        """x_t (B, C, H, W) noisy HR sample; t (B,) ORIGINAL 0..999 timesteps; cond (B, C, H/s, W/s) LR in [0, 1]."""
+    def head_input(self, x_t: Tensor, cond: Tensor) -> Tensor:
+        """a = cat(x_t, bicubic↑cond): the input of both the kernel head and the denoiser's patch embedding."""
+        up_dtype = torch.promote_types(cond.dtype, torch.float32)  # bicubic a=-0.75, no antialias, no clamp
+        cond_up = F.interpolate(cond.to(up_dtype), scale_factor=self.config.scale, mode="bicubic",
+                                align_corners=False).to(x_t.dtype)
+        # channels-last from here on: the blocks work on (B, H, W, C) views (restormer_blocks), convs keep it
+        return torch.cat([x_t, cond_up], dim=1).contiguous(memory_format=torch.channels_last)
+
+    def forward(self, x_t: Tensor, t: Tensor | int | float, cond: Tensor,
+                kernel_only: bool = False) -> tuple[Tensor | None, Tensor]:
+        """x_t (B, C, H, W) noisy HR sample; t (B,) ORIGINAL 0..999 timesteps; cond (B, C, H/s, W/s) LR in [0, 1].
+
+        ``kernel_only``: run the kernel head alone and return (None, kernel) (training the head: no denoiser).
+        """
         self._check_inputs(x_t, cond)
         b = x_t.shape[0]
         t = torch.as_tensor(t, device=x_t.device)
         t = t.expand(b) if t.ndim == 0 else t.reshape(b)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
-        up_dtype = torch.promote_types(cond.dtype, torch.float32)  # bicubic a=-0.75, no antialias, no clamp
-        cond_up = F.interpolate(cond.to(up_dtype), scale_factor=self.config.scale, mode="bicubic",
-                                align_corners=False).to(x_t.dtype)
-        # channels-last from here on: the blocks work on (B, H, W, C) views (restormer_blocks), convs keep it
-        a = torch.cat([x_t, cond_up], dim=1).contiguous(memory_format=torch.channels_last)
+        a = self.head_input(x_t, cond)
         kernel = self.predict_kernel(a)
+        if kernel_only:
+            return None, kernel
         emb = None  # modulation=False: plain Restormer blocks, t and k do not reach them
         if self.config.modulation:  # t_emb + k_emb drives every block's modulation (Fig. 3)
             emb = self.t_embedder(t) + self.k_mlp(kernel.to(self.k_mlp[0].weight.dtype))

@@ -90,6 +90,11 @@ class BlindDiffLossConfig:
     kernel_loss: str = "mse"  # "mse" (official, flat 441 vector) | "l1" (paper)
     learn_sigma: bool = True  # use the variance half of the output (needs out_channels = 6)
     nll_bins: str = "pm1"  # decoder NLL bins at t = 0: "pm1" (official constants) | "unit" ([0, 1] 8-bit)
+    kernel_head_only: bool = False  # True: train only the kernel head (MCFormer.predictor) on the kernel loss;
+    #                                 the denoiser is frozen and not run (a finished model's head, trained
+    #                                 further at a fraction of a full step's cost; needs train.init_from)
 
     def __post_init__(self) -> None:
         check_choice("kernel_loss", self.kernel_loss, ("mse", "l1"))
+        if self.kernel_head_only and self.kernel_weight <= 0:
+            raise BlindSRError("loss.kernel_head_only trains the kernel head on the kernel loss: kernel_weight must be > 0")

@@ -33,6 +33,15 @@ def uniform_t(n: int, b: int, generator: Generators, device: torch.device) -> Te
     return torch.cat([uniform_t(n, 1, g, device) for g in generator])
 
 
+def kernel_term(model: torch.nn.Module, k_raw: Tensor, kernel: Tensor | None, cfg: BlindDiffLossConfig) -> Tensor:
+    """The kernel constraint per sample: mean over the k*k entries of (k̂ - k)² (official) or |k̂ - k| (paper)."""
+    if kernel is None:
+        raise BlindSRError("the kernel loss needs ground-truth kernels (or set kernel_weight=0)")
+    k_hat = predicted_kernels(model, k_raw)
+    diff = k_hat - fit_kernel(kernel.to(k_hat), k_hat.shape[-1])
+    return mean_flat(diff**2 if cfg.kernel_loss == "mse" else diff.abs())
+
+
 def training_losses(model: torch.nn.Module, diffusion: GaussianDiffusion, hr: Tensor, lr: Tensor,
                     kernel: Tensor | None, *, generator: Generators = None,
                     cfg: BlindDiffLossConfig | None = None, prediction: str = "eps") -> dict[str, Tensor]:
@@ -50,6 +59,10 @@ def training_losses(model: torch.nn.Module, diffusion: GaussianDiffusion, hr: Te
     t = uniform_t(diffusion.num_timesteps, b, generator, hr.device)
     noise = randn(hr.shape, generator, hr.device, hr.dtype)
     x_t = diffusion.q_sample(hr, t, noise)  # Eq. 2
+    if cfg.kernel_head_only:  # the head sees what it sees inside forward; the denoiser is not run
+        k_raw = model(x_t, diffusion.original_t(t), lr, kernel_only=True)[1]  # through any DDP wrapper
+        terms = {"kernel": kernel_term(model, k_raw, kernel, cfg)}
+        return {"kernel": terms["kernel"].mean(), "loss": (cfg.kernel_weight * terms["kernel"]).mean()}
     out, k_raw = model(x_t, diffusion.original_t(t), lr)
     var_values = None
     if cfg.learn_sigma:
@@ -59,11 +72,7 @@ def training_losses(model: torch.nn.Module, diffusion: GaussianDiffusion, hr: Te
     terms = hybrid_loss(diffusion, out[:, :c], prediction, var_values, noise, hr, x_t, t, bins=cfg.nll_bins)
     loss = cfg.mse_weight * terms["mse"] + (cfg.vb_weight * terms["vb"] if "vb" in terms else 0.0)
     if cfg.kernel_weight > 0:
-        if kernel is None:
-            raise BlindSRError("the kernel loss needs ground-truth kernels (or set kernel_weight=0)")
-        k_hat = predicted_kernels(model, k_raw)
-        diff = k_hat - fit_kernel(kernel.to(k_hat), k_hat.shape[-1])
-        terms["kernel"] = mean_flat(diff**2 if cfg.kernel_loss == "mse" else diff.abs())
+        terms["kernel"] = kernel_term(model, k_raw, kernel, cfg)
         loss = loss + cfg.kernel_weight * terms["kernel"]
     terms["loss"] = loss
     return {k: v.mean() for k, v in terms.items()}

@@ -78,6 +78,11 @@ def blinddiff_recipe(cfg: RunConfig) -> Recipe:
         pca = kernel_pca(degrade, model_cfg, n_pca, cfg.train.seed)
         model.set_pca(pca.matrix, pca.mean)  # mean + code @ basisᵀ = KernelPCA.decode(affine=True)
         resolved_model["pca_kernels"] = n_pca
+    if loss_cfg.kernel_head_only:  # only the kernel head learns; the optimiser and EMA see the rest frozen
+        if not cfg.train.init_from:
+            raise BlindSRError("config: loss.kernel_head_only trains the head of a finished model: set train.init_from")
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("predictor."))
     train_files, val_files = split_data(cfg)
     d, dataset = cfg.data, hr_dataset(cfg, train_files)
     diffusion = bd_cfg.train_diffusion()
