@@ -95,7 +95,7 @@ def evaluate(args, on_set_done=None) -> dict:
                     gens = [torch.Generator(device).manual_seed(args.seed * 1000003 + 1009 * i + j)
                             for j in range(c, min(c + args.chunk, 8))]
                     out = bd(lr[c:c + args.chunk].to(device), steps=args.steps, generator=gens,
-                             sampler=args.sampler, **kw)
+                             sampler=args.sampler, kernel_estimate=args.kernel_estimate, **kw)
                     srs.append(out.sr.cpu())
                     ks.append(out.kernel.cpu())
                 timing.setdefault(name, []).append(time.perf_counter() - t0)
@@ -119,7 +119,7 @@ def evaluate(args, on_set_done=None) -> dict:
 def summary(acc, timing, device, args) -> dict:
     per_set = {m: {key: [mean(v) for v in per_k] for key, per_k in d.items()} for m, d in acc.items()}
     return {"per_set": per_set, "sigmas": list(GAUSSIAN8_SIGMAS), "steps": args.steps, "seed": args.seed,
-            "sampler": args.sampler,
+            "sampler": args.sampler, "kernel_estimate": args.kernel_estimate,
             "device": str(device), "ckpt": str(args.ckpt or "default"),
             "seconds_per_image_8_kernels": {k: mean(v) for k, v in timing.items()}}
 
@@ -128,9 +128,9 @@ def merge(results: list[dict]) -> dict:
     """Combine result dicts of parallel runs (same steps/seed); a row computed twice must give the same numbers."""
     out = dict(results[0], per_set={}, seconds_per_image_8_kernels={}, total_seconds=0.0)
     for r in results:
-        keys = ("steps", "seed", "sigmas", "sampler")
+        keys = ("steps", "seed", "sigmas", "sampler", "kernel_estimate")
         if any(r.get(k) != out.get(k) for k in keys):
-            raise SystemExit("merge: the files differ in steps, seed, kernels or sampler")
+            raise SystemExit("merge: the files differ in steps, seed, kernels, sampler or kernel estimate")
         for method, d in r["per_set"].items():
             row = out["per_set"].setdefault(method, {})
             for key, vals in d.items():
@@ -176,6 +176,9 @@ def main() -> None:
     ap.add_argument("--sampler", default=None, help="ddpm | ddim (default: the checkpoint's)")
     ap.add_argument("--variants", nargs="*", default=None,
                     help="only the BlindDiff rows whose name contains one of these (e.g. 'λ=0'); default all")
+    ap.add_argument("--kernel-estimate", default="fit", choices=["fit", "model"],
+                    help="the kernel scored: fit (shipped, since session 14) or model (MCFormer's last step; what "
+                         "every table before session 14 scored)")
     ap.add_argument("--chunk", type=int, default=4, help="kernels per batch (memory: lambda>0 backpropagates)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None, help="write the raw results here")

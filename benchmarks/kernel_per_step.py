@@ -6,7 +6,9 @@
 Each image of ``--set`` (``../shared/data/val``) is centre-cropped to ``--crop`` HR pixels, degraded with each of
 the 8 Gaussian8 kernels (sigma 1.8 .. 3.2, bicubic x4), and super-resolved with the model's own defaults (seed
 per kernel). Printed per model: sum|k_hat - k| at every sampling step (the kernel MCFormer estimates from x_t),
-for the shipped estimate (the last step's) and for the mean of all steps' estimates, against two baselines that
+for the last step's estimate (``kernel_estimate="model"``, the paper's), for the mean of all steps' estimates and
+for the shipped estimate (``kernel_estimate="fit"``: the Gaussian fitted to the SR output and the LR input,
+``degradations/kernel_fit.py``), against two baselines that
 use no image: the best single Gaussian for the 8 kernels (sigma 2.6) and the delta kernel. ``--plot`` draws the
 per-step curves.
 """
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=0, help="only the first N images (0 = all)")
     ap.add_argument("--plot", help="PNG of the per-step curves")
     ap.add_argument("--json", help="write the numbers here")
+    ap.add_argument("--sheet", help="PNG: the 8 true kernels, then per model its last-step and its fitted "
+                    "estimates on the first image")
     ap.add_argument("--save-kernels", help="torch file of every estimate: {model: (images, steps, 8, 21, 21)}")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -75,9 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     files = files[: args.images] if args.images else files
     results = {"baseline_fixed_sigma2.6": fixed, "models": {}}
     raw = {}
+    sheet_rows, sheet_labels = [list(kernels)], [[f"true sigma {s}" for s in GAUSSIAN8_SIGMAS]]
     for m in args.models:
         pipe = load_pipeline(embedded_path(m) if m in EMBEDDED else m)
-        per_step, of_mean = [], []  # (images, steps, 8), (images, 8)
+        per_step, of_mean, fitted = [], [], []  # (images, steps, 8), (images, 8), (images, 8)
         for i, f in enumerate(files):
             hr = read_image(f)[:3]
             if args.crop:
@@ -86,7 +91,14 @@ def main(argv: list[str] | None = None) -> int:
                 hr = hr[:, top:top + c, left:left + c]
             lr = g8(hr[None]).lr
             gens = [torch.Generator().manual_seed(1009 * i + j) for j in range(8)]
-            traj = pipe(lr, generator=gens, return_trajectory=True).kernels_traj  # (steps, 8, 21, 21)
+            out = pipe(lr, generator=gens, return_trajectory=True, kernel_estimate="fit")
+            traj = out.kernels_traj  # (steps, 8, 21, 21)
+            fitted.append(l1(out.kernel, kernels))
+            if i == 0:
+                short = m.removeprefix("blinddiff-").upper() if m in EMBEDDED else Path(m).stem[:8]
+                for name, ks in (("net", traj[-1]), ("fit", out.kernel)):
+                    sheet_rows.append(list(ks))
+                    sheet_labels.append([f"{short} {name} L1 {v:.2f}" for v in l1(ks, kernels).tolist()])
             per_step.append(l1(traj, kernels[None]))
             raw.setdefault(m, []).append(traj)
             of_mean.append(l1(traj.mean(0), kernels))
@@ -96,13 +108,17 @@ def main(argv: list[str] | None = None) -> int:
         lasts = torch.stack([t[-1] for t in raw[m]])  # (images, 8, 21, 21)
         sigma_hat = kernel_moments(lasts)[1].diagonal(dim1=-2, dim2=-1).mean(-1).sqrt().mean(0)  # per true sigma
         proj = l1(moment_gaussian(lasts), kernels).mean().item()
+        fit = torch.stack(fitted)
         results["models"][m] = {"per_step": curve.tolist(), "last": curve[-1].item(), "mean_of_steps": avg,
+                                "fit": fit.mean().item(), "per_sigma_fit": fit.mean(0).tolist(),
                                 "per_sigma_last": steps[:, -1].mean(0).tolist(), "moment_gaussian_last": proj,
                                 "sigma_hat_last": sigma_hat.tolist()}
-        print(f"{m}: per step " + " ".join(f"{v:.3f}" for v in curve.tolist()) + f"; shipped (last) "
+        print(f"{m}: per step " + " ".join(f"{v:.3f}" for v in curve.tolist()) + f"; model (last) "
               f"{curve[-1]:.3f}; mean of the steps' kernels {avg:.3f}; last per sigma " + " ".join(
                   f"{s}:{v:.2f}" for s, v in zip(GAUSSIAN8_SIGMAS, steps[:, -1].mean(0).tolist(), strict=True)),
               flush=True)
+        print(f"  shipped (fit to SR and LR) {fit.mean():.3f}; per sigma " + " ".join(
+            f"{s}:{v:.2f}" for s, v in zip(GAUSSIAN8_SIGMAS, fit.mean(0).tolist(), strict=True)), flush=True)
         print(f"  the last estimate as a Gaussian of its own covariance: {proj:.3f}; its sigma per true sigma "
               + " ".join(f"{s}:{v:.2f}" for s, v in zip(GAUSSIAN8_SIGMAS, sigma_hat.tolist(), strict=True)), flush=True)
     if args.plot:
@@ -116,10 +132,17 @@ def main(argv: list[str] | None = None) -> int:
             path = Path(tmp) / "curves.csv"
             with path.open("w", newline="") as fh:
                 w = csv.writer(fh)
-                w.writerow(["step", *names, "best fixed Gaussian"])
+                fits = [f"{n} (shipped: Gaussian fit to SR and LR)" for n in names]
+                w.writerow(["step", *names, *fits, "best fixed Gaussian"])
                 for j in range(len(results["models"][names[0]]["per_step"])):
-                    w.writerow([j + 1, *(results["models"][n]["per_step"][j] for n in names), fixed])
-            plot_losses(path, args.plot, keys=[*names, "best fixed Gaussian"], log_y=False)
+                    w.writerow([j + 1, *(results["models"][n]["per_step"][j] for n in names),
+                                *(results["models"][n]["fit"] for n in names), fixed])
+            plot_losses(path, args.plot, keys=[*names, *fits, "best fixed Gaussian"], log_y=False)
+    if args.sheet:
+        from blindsr.io.visual import contact_grid, kernel_image
+
+        contact_grid([[kernel_image(k, scale=6) for k in row] for row in sheet_rows], sheet_labels, args.sheet,
+                     overwrite=True)
     if args.save_kernels:
         torch.save({m: torch.stack(v) for m, v in raw.items()}, args.save_kernels)
     if args.json:

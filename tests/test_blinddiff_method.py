@@ -202,7 +202,7 @@ def test_kernel_aware_gradient_lowers_the_measurement_residual():
     p = BlindDiffPipeline(Oracle(mu, 0.15, k))
 
     def residual(lam):
-        r = p(y, steps=25, lam=lam, x0_reg=0, generator=gen(1))
+        r = p(y, steps=25, lam=lam, x0_reg=0, generator=gen(1), kernel_estimate="model")
         torch.testing.assert_close(r.kernel[0], k)
         return (y - degrade(r.sr, k[None], 4)).norm().item()
     r0, r1, r2 = residual(0), residual(1), residual(2)
@@ -213,12 +213,14 @@ def test_options_trajectory_and_errors(pipe):
     lr = torch.rand(1, 3, 8, 8, generator=gen(0))
     # the paper's squared norm has no normalisation: on an untrained net it needs a small step
     r = pipe(lr, generator=gen(0), lam=1e-3, norm="l2sq", down="stride", kernel_mode="bicubic", x0_reg=0,
-             return_trajectory=True)
+             return_trajectory=True, kernel_estimate="model")
     assert r.kernels_traj.shape == (2, 1, 21, 21) and r.x0_traj.shape == (2, 1, 3, 32, 32)
     assert r.traj_steps == [0, 1] and torch.equal(r.kernels_traj[-1], r.kernel)
     assert torch.isfinite(r.sr).all()
     with pytest.raises(BlindSRError, match="norm"):
         pipe(lr, norm="l1")
+    with pytest.raises(BlindSRError, match="kernel_estimate"):
+        pipe(lr, kernel_estimate="mean")
     with pytest.raises(BlindSRError, match="expects LR images"):
         pipe(torch.rand(3, 8, 8))
     with pytest.raises(BlindSRError, match="diverged"):  # a huge squared-norm step: an error, not NaN pixels

@@ -64,6 +64,13 @@ def test_sr_folder_end_to_end(ckpt, inputs, tmp_path, capsys):
     assert main(["sr", str(inputs / "rgb.png"), "--ckpt", str(ckpt), "-o", str(out2), "--seed", "3",
                  "--device", "cpu"]) == 0
     assert np.array_equal(np.asarray(Image.open(out2 / "rgb.png")), np.asarray(rgb))
+    # --kernel-estimate model: the same image, the model's own last-step kernel instead of the fitted Gaussian
+    out3 = tmp_path / "out3"
+    assert main(["sr", str(inputs / "rgb.png"), "--ckpt", str(ckpt), "-o", str(out3), "--seed", "3", "--device",
+                 "cpu", "--save-kernel", "--kernel-estimate", "model"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out3 / "rgb.png")), np.asarray(rgb))
+    k_model = np.load(out3 / "rgb_kernel.npy")
+    assert k_model.sum() == pytest.approx(1.0, abs=1e-4) and not np.allclose(k_model, k, atol=1e-3)
 
 
 def test_sr_refuses_existing_outputs_and_keeps_going(ckpt, inputs, tmp_path, capsys):

@@ -53,6 +53,7 @@ BLINDDIFF_SAMPLERS = ("ddpm", "ddim")  # the two with the kernel-aware gradient
 BLINDDIFF_NORMS = ("l2", "l2sq")  # guidance norm: official (DPS) | paper (squared)
 BLINDDIFF_DOWNS = ("bicubic", "stride")  # downsampling in the guidance operator
 BLINDDIFF_KERNEL_MODES = ("estimated", "bicubic")  # guidance kernel: the model's | identity (ablation)
+BLINDDIFF_KERNEL_ESTIMATES = ("fit", "model")  # reported kernel: Gaussian fitted to (SR, LR) | last step's k_t
 DIFFBIR_SAMPLERS = ("ddpm", "ddim", "dpm++_2m", "dpm++_3m_sde")
 DIFFBIR_VERSIONS = ("v1", "v2", "v2.1")  # the SD backend's; the pixel backend is the preset "pixel"
 DIFFBIR_BACKENDS = ("pixel", "sd")

@@ -24,6 +24,7 @@ def register(subparsers, help_: str) -> None:
     from blindsr.cli.common import add_common
     from blindsr.registry import (
         BLINDDIFF_DOWNS,
+        BLINDDIFF_KERNEL_ESTIMATES,
         BLINDDIFF_KERNEL_MODES,
         BLINDDIFF_NORMS,
         BLINDDIFF_SAMPLERS,
@@ -54,6 +55,9 @@ def register(subparsers, help_: str) -> None:
     p.add_argument("--x0-reg", type=float, help="weight of the official extra ||x0|| term (default 0.1; 0 = paper)")
     p.add_argument("--kernel-mode", choices=BLINDDIFF_KERNEL_MODES,
                    help="guidance kernel: estimated by the model, or identity ('bicubic' ablation)")
+    p.add_argument("--kernel-estimate", choices=BLINDDIFF_KERNEL_ESTIMATES,
+                   help="the kernel --save-kernel writes: fit (default: the Gaussian that best re-degrades the "
+                        "result into the input) or model (MCFormer's last-step estimate, as in the paper)")
     p.add_argument("--sampler", choices=BLINDDIFF_SAMPLERS,
                    help="ddpm: ancestral with learned variance (official, default); ddim: deterministic (eta 0)")
     p.add_argument("--start", type=float, metavar="S",
@@ -209,7 +213,8 @@ def _blinddiff(args: argparse.Namespace, device) -> tuple:
         unwrap_model(pipe.model).compiled_blocks = True
     # the config's own choices are validated by BlindDiffConfig (dataclasses.replace in the pipeline)
     return pipe, dict(steps=args.steps, lam=args.lam, norm=args.norm, down=args.down, x0_reg=args.x0_reg,
-                      kernel_mode=args.kernel_mode, sampler=args.sampler, start=args.start, tile=args.tile,
+                      kernel_mode=args.kernel_mode, kernel_estimate=args.kernel_estimate, sampler=args.sampler,
+                      start=args.start, tile=args.tile,
                       tile_overlap=args.tile_overlap, return_trajectory=args.save_trajectory)
 
 
@@ -231,7 +236,8 @@ def _refuse_blinddiff_options(args: argparse.Namespace, method: str) -> None:
     from blindsr.errors import BlindSRError
 
     blinddiff_only = {"model": args.model, "lambda": args.lam, "norm": args.norm, "down": args.down,
-                      "x0-reg": args.x0_reg, "kernel-mode": args.kernel_mode, "sampler": args.sampler,
+                      "x0-reg": args.x0_reg, "kernel-mode": args.kernel_mode,
+                      "kernel-estimate": args.kernel_estimate, "sampler": args.sampler,
                       "start": args.start, "save-kernel": args.save_kernel or None,
                       "save-trajectory": args.save_trajectory or None, "compile": args.compile or None}
     given = [f"--{k}" for k, v in blinddiff_only.items() if v is not None]

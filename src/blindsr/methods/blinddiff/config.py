@@ -26,7 +26,13 @@ from blindsr.diffusion.gaussian import GaussianDiffusion
 from blindsr.diffusion.parameterization import check_kind
 from blindsr.diffusion.respace import make_diffusion
 from blindsr.errors import BlindSRError
-from blindsr.registry import BLINDDIFF_DOWNS, BLINDDIFF_KERNEL_MODES, BLINDDIFF_NORMS, BLINDDIFF_SAMPLERS
+from blindsr.registry import (
+    BLINDDIFF_DOWNS,
+    BLINDDIFF_KERNEL_ESTIMATES,
+    BLINDDIFF_KERNEL_MODES,
+    BLINDDIFF_NORMS,
+    BLINDDIFF_SAMPLERS,
+)
 
 NORMS, DOWNS, KERNEL_MODES, SAMPLERS = BLINDDIFF_NORMS, BLINDDIFF_DOWNS, BLINDDIFF_KERNEL_MODES, BLINDDIFF_SAMPLERS
 # fields that define the model's diffusion process: fixed when the model is loaded, not per call
@@ -53,6 +59,9 @@ class BlindDiffConfig:
     down: str = "bicubic"  # "bicubic" (MATLAB, official) | "stride" (s-fold subsampling)
     x0_reg: float = 0.1  # official extra 0.1 * ||x0_hat||_2 in the guidance loss; 0 = paper
     kernel_mode: str = "estimated"  # "estimated" (k_t from the model) | "bicubic" (identity kernel, ablation)
+    kernel_estimate: str = "fit"  # the kernel reported (SRResult.kernel, --save-kernel): "fit" = the anisotropic
+    #                               Gaussian that best re-degrades the SR output into the LR input (blindsr,
+    #                               degradations/kernel_fit.py) | "model" = MCFormer's k_t of the last step (paper)
     tile: int | None = None  # HR tile size of the denoiser for large images (None = whole image)
     tile_overlap: int = 32  # HR pixels of overlap between tiles when tiling is on
     sampler: str = "ddpm"  # "ddpm" (ancestral, learned variance: official) | "ddim" (deterministic, eta 0)
@@ -65,6 +74,7 @@ class BlindDiffConfig:
         check_choice("norm", self.norm, NORMS)
         check_choice("down", self.down, DOWNS)
         check_choice("kernel_mode", self.kernel_mode, KERNEL_MODES)
+        check_choice("kernel_estimate", self.kernel_estimate, BLINDDIFF_KERNEL_ESTIMATES)
         check_choice("sampler", self.sampler, SAMPLERS)
         if not 0.0 < self.start <= 1.0:
             raise BlindSRError(f"start must be in (0, 1], got {self.start}")

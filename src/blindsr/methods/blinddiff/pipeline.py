@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from blindsr.config import from_dict, to_dict
+from blindsr.degradations.kernel_fit import fit_gaussian_kernel
 from blindsr.diffusion.samplers import (
     Generators,
     GuidanceResult,
@@ -187,7 +188,10 @@ class BlindDiffPipeline:
         if not torch.isfinite(x0).all():  # e.g. a guidance step far too large for the norm: never write NaNs
             raise BlindSRError(f"sampling diverged (non-finite values) with --lambda {cfg.lam} --norm {cfg.norm}; "
                                "use a smaller --lambda")
-        return SRResult(sr=x0[..., : s * h, : s * w].clamp(0, 1), kernel=last["kernel"],
+        sr, kernel = x0[..., : s * h, : s * w].clamp(0, 1), last["kernel"]
+        if cfg.kernel_estimate == "fit":  # the measurement's own kernel given the result (kernel_fit.py)
+            kernel = fit_gaussian_kernel(sr, lr, s, size=kernel.shape[-1], down=cfg.down)
+        return SRResult(sr=sr, kernel=kernel,
                         kernels_traj=torch.stack(kernels) if return_trajectory else None,
                         x0_traj=torch.stack(x0s) if return_trajectory else None,
                         traj_steps=sorted(snap) if return_trajectory else None)
