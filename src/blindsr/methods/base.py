@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 @dataclass
 class SRResult:
     sr: Tensor  # (B, 3, sH, sW) in [0, 1]
-    kernel: Tensor | None = None  # (B, k, k) the estimated blur kernel (BlindDiff: at the last step)
+    kernel: Tensor | None = None  # (B, k, k) the estimated blur kernel (BlindDiff: config.kernel_estimate)
     kernels_traj: Tensor | None = None  # (steps, B, k, k) when return_trajectory
     x0_traj: Tensor | None = None  # (n, B, 3, sH, sW) a few x0_hat snapshots when return_trajectory
     traj_steps: list[int] | None = None  # sampling-step numbers of the x0 snapshots
