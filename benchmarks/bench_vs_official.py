@@ -14,6 +14,10 @@ first, then one draw per step, blindsr's order). Each (implementation, size, rou
 (own peak RSS; an ``RLIMIT_AS`` cap makes OOM a result), interleaved; timed: sampling only, after loading and a
 warm-up at LR 16² ("blindsr-compiled", ``blindsr sr --compile``: at the timed size, and that first run,
 compile included, is printed beside it; the timed run is what the next same-size photo or tile sees).
+The blindsr children make the allocator setting ``blindsr sr`` makes at start-up (``device.keep_freed_memory``;
+``BLINDSR_MALLOC=default`` in the environment turns it off) and report the network's kernel
+(``kernel_estimate="model"``, as the official code; the shipped Gaussian fit is extra work after sampling);
+"official-keep" is the official code with that same allocator setting, for a fair view of what it alone buys.
 "blindsr-tiled" is ``blindsr sr``'s automatic tiling (3 GiB minus the RSS after loading), run where untiled blindsr does not fit the cap (``--tiled-always``: wherever that budget tiles). Max abs diff:
 clamped outputs, over the pixels finite in both. ``--check-steps``: an extra, untimed equality check (a
 few-step sampler may diverge). The official ``__init__`` files (cv2, data, models, ...) are not run:
@@ -39,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WEIGHTS = ROOT / "benchmarks/weights/blinddiff_s_stage1_eps.safetensors"
 DEFAULT_IMAGE = ROOT.parent / "shared/data/real-lr/RealSRSet/tiger.png"
-IMPLS = ("official", "blindsr", "blindsr-compiled", "blindsr-tiled")
+IMPLS = ("official", "official-keep", "blindsr", "blindsr-compiled", "blindsr-tiled")
 
 
 # ------------------------------------------------------------------------------------------ the official code
@@ -119,7 +123,8 @@ def blindsr_sampler(args, tiled: bool, compiled: bool = False):
     if pipe.config.prediction != "eps":
         raise SystemExit(f"{args.weights} predicts {pipe.config.prediction!r}; the official code needs eps")
     opts = dict(steps=args.steps, sampler="ddpm", lam=1.0, lam_ref_steps=0, norm="l2", x0_reg=0.1,
-                down="bicubic", kernel_mode="estimated", start=1.0)
+                down="bicubic", kernel_mode="estimated", start=1.0,
+                kernel_estimate="model")  # the network's kernel, as the official code; the fit is extra work
     budget = int(args.tile_budget_gb * 2**30) - (resident_memory() if args.device == "cpu" else 0)
 
     def tile_for(lr):  # what the pipeline's max_memory picks (None: the budget fits untiled)
@@ -159,6 +164,10 @@ def child(args) -> None:
     if args.device == "cpu":
         cap = int(args.mem_cap_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    from blindsr.device import keep_freed_memory
+
+    if impl != "official":  # what `blindsr sr` does at start-up; "official-keep": the official code with it
+        keep_freed_memory()
     import torch
 
     from blindsr.device import resident_memory
@@ -166,7 +175,7 @@ def child(args) -> None:
 
     torch.set_num_threads(args.threads)
     cfg = read_config(Path(args.weights))
-    run = (official_sampler(args, cfg["model"]) if impl == "official"
+    run = (official_sampler(args, cfg["model"]) if impl.startswith("official")
            else blindsr_sampler(args, impl == "blindsr-tiled", impl == "blindsr-compiled"))
     cuda = args.device.startswith("cuda")
     base = torch.cuda.memory_allocated() if cuda else resident_memory()
@@ -228,7 +237,7 @@ def fmt_table(args, results: dict, diffs: dict) -> str:
     rows.append("|".join(["---"] * 8))
     for size in args.sizes:
         means = {}
-        for impl in IMPLS:
+        for impl in args.impls:
             runs = results.get((impl, size))
             if not runs:
                 continue
@@ -268,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiled-always", action="store_true", help="blindsr-tiled also where untiled fits the cap")
     p.add_argument("--no-repeat-after", type=float, default=300.0, help="a run longer than this is not repeated")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS), help="what to run (official-keep: the "
+                   "official code with blindsr's allocator setting, device.keep_freed_memory)")
     p.add_argument("--check-steps", type=int, default=20, help="extra equality check with this many steps "
                    "(at LR --check-size, untimed; 0 = none): a few-step eps sampler can diverge, see the docs")
     p.add_argument("--check-size", type=int, default=32)
@@ -287,8 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {}
     tmp = Path(tempfile.mkdtemp(prefix="bench_vs_official_"))  # the outputs (.npy), kept for inspection
     if args.check_steps:
-        n, out = args.check_steps, [tmp / f"check_{impl}.npy" for impl in IMPLS[:2]]
-        rs = [run_child(args, impl, args.check_size, o, steps=n) for impl, o in zip(IMPLS[:2], out, strict=True)]
+        pair = ("official", "blindsr")
+        n, out = args.check_steps, [tmp / f"check_{impl}.npy" for impl in pair]
+        rs = [run_child(args, impl, args.check_size, o, steps=n) for impl, o in zip(pair, out, strict=True)]
         if all(o.is_file() for o in out):
             d = float(np.abs(np.load(out[0]) - np.load(out[1])).max())
             print(f"equality check, {n} steps, LR {args.check_size}²: max abs diff {d:.2e} "
@@ -297,11 +309,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"equality check failed: {[r.get('status') for r in rs]}", flush=True)
     for size in args.sizes:
         for rnd in range(args.repeat):
-            for impl in IMPLS:
+            for impl in args.impls:
                 prev = results.setdefault((impl, size), [])
                 if prev and (prev[0].get("status") != "ok" or prev[0]["seconds"] > args.no_repeat_after):
                     continue  # OOM / timeout / not tiled / too long: not repeated
-                fits = impl == "blindsr-tiled" and results[("blindsr", size)][-1].get("status") == "ok"
+                fits = impl == "blindsr-tiled" and results.get(("blindsr", size), [{}])[-1].get("status") == "ok"
                 if fits and not args.tiled_always:
                     prev[:] = [{"status": "not run (untiled fits the cap)"}]
                     continue
@@ -314,8 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     diffs = {}
     for size in args.sizes:
         ref = tmp / f"official_{size}_0.npy"
-        for impl in IMPLS[1:]:
+        for impl in args.impls:
             out = tmp / f"{impl}_{size}_0.npy"
+            if impl == "official":
+                continue
             if ref.is_file() and out.is_file():  # over the pixels finite in both; the others are counted
                 a, b = np.load(ref), np.load(out)
                 ok = np.isfinite(a) & np.isfinite(b)

@@ -51,7 +51,7 @@ def mean(xs):
     return sum(xs) / len(xs)
 
 
-def evaluate(args, on_set_done=None) -> dict:
+def evaluate(args, on_image_done=None) -> dict:
     device = resolve_device(args.device)
     shared = Path(args.data)
     g8 = get_preset("gaussian8")
@@ -76,9 +76,14 @@ def evaluate(args, on_set_done=None) -> dict:
         acc.setdefault(method, {}).setdefault(key, [[] for _ in GAUSSIAN8_SIGMAS])[j].append(value)
 
     timing: dict[str, list[float]] = {}
+    raw: dict = {"per_image": {}, "seconds": {}}  # per image, so that runs over disjoint images can be merged
     for set_name in args.sets:
         files, _ = list_images([shared / "val" / set_name])
-        for i, f in enumerate(files):
+        order = list(enumerate(files))
+        if args.images:  # a subset, in the given order; an image keeps its index (its seeds) in the full set
+            by_name = {f.stem: (i, f) for i, f in order}
+            order = [by_name[n] for n in args.images if n in by_name]
+        for i, f in order:
             res = g8(read_image(f)[None])  # (8, 3, H, W): kernel j of this image at index j
             lr, hr8, kernels = res.lr, res.hr, res.kernel
             outs = {"bicubic": O.imresize(lr, scale=4).clamp(0, 1)}
@@ -99,6 +104,7 @@ def evaluate(args, on_set_done=None) -> dict:
                     srs.append(out.sr.cpu())
                     ks.append(out.kernel.cpu())
                 timing.setdefault(name, []).append(time.perf_counter() - t0)
+                raw["seconds"].setdefault(name, {})[f"{set_name}/{f.stem}"] = timing[name][-1]
                 outs[name], est[name] = torch.cat(srs), torch.cat(ks)
             for name, sr in outs.items():
                 for j in range(8):
@@ -109,28 +115,37 @@ def evaluate(args, on_set_done=None) -> dict:
                         add(name, f"{set_name}:kernel_l1", j, float((k - kernels[j]).abs().sum()))
                         re = degrade(sr[j:j + 1], k[None], 4).clamp(0, 1)[0]
                         add(name, f"{set_name}:lr_consistency", j, psnr(re, lr[j], y_channel=True))
+            for name in outs:
+                for key, per_k in acc[name].items():
+                    if key.startswith(f"{set_name}:"):
+                        raw["per_image"].setdefault(name, {}).setdefault(key, {})[f.stem] = [v[-1] for v in per_k]
             print(f"{set_name}/{f.name}: " + ", ".join(
                 f"{n} {mean([acc[n][f'{set_name}:psnr'][j][-1] for j in range(8)]):.2f}" for n in outs), flush=True)
-        if on_set_done is not None:  # partial results survive an interrupted run
-            on_set_done(summary(acc, timing, device, args))
-    return summary(acc, timing, device, args)
+            if on_image_done is not None:  # partial results survive an interrupted run
+                on_image_done(summary(acc, timing, raw, device, args))
+    return summary(acc, timing, raw, device, args)
 
 
-def summary(acc, timing, device, args) -> dict:
+def summary(acc, timing, raw, device, args) -> dict:
     per_set = {m: {key: [mean(v) for v in per_k] for key, per_k in d.items()} for m, d in acc.items()}
     return {"per_set": per_set, "sigmas": list(GAUSSIAN8_SIGMAS), "steps": args.steps, "seed": args.seed,
             "sampler": args.sampler, "kernel_estimate": args.kernel_estimate,
             "device": str(device), "ckpt": str(args.ckpt or "default"),
-            "seconds_per_image_8_kernels": {k: mean(v) for k, v in timing.items()}}
+            "seconds_per_image_8_kernels": {k: mean(v) for k, v in timing.items()}, "raw": raw}
 
 
 def merge(results: list[dict]) -> dict:
-    """Combine result dicts of parallel runs (same steps/seed); a row computed twice must give the same numbers."""
+    """Combine result dicts of parallel runs (same steps/seed); a row computed twice must give the same numbers.
+
+    Files with per-image records ("raw") are merged image by image, so runs may split a set's images between
+    them (--images); a set's row then averages the union of its images."""
+    keys = ("steps", "seed", "sigmas", "sampler", "kernel_estimate", "ckpt")
+    if any(r.get(k) != results[0].get(k) for r in results for k in keys):
+        raise SystemExit("merge: the files differ in checkpoint, steps, seed, kernels, sampler or kernel estimate")
+    if all("raw" in r for r in results):
+        return merge_raw(results)
     out = dict(results[0], per_set={}, seconds_per_image_8_kernels={}, total_seconds=0.0)
     for r in results:
-        keys = ("steps", "seed", "sigmas", "sampler", "kernel_estimate")
-        if any(r.get(k) != out.get(k) for k in keys):
-            raise SystemExit("merge: the files differ in steps, seed, kernels, sampler or kernel estimate")
         for method, d in r["per_set"].items():
             row = out["per_set"].setdefault(method, {})
             for key, vals in d.items():
@@ -140,6 +155,28 @@ def merge(results: list[dict]) -> dict:
         out["seconds_per_image_8_kernels"].update(r.get("seconds_per_image_8_kernels", {}))
         out["total_seconds"] = max(out["total_seconds"], r.get("total_seconds", 0.0))
     return out
+
+
+def merge_raw(results: list[dict]) -> dict:
+    per_image: dict = {}
+    seconds: dict = {}
+    for r in results:
+        for method, d in r["raw"]["per_image"].items():
+            for key, images in d.items():
+                row = per_image.setdefault(method, {}).setdefault(key, {})
+                for image, vals in images.items():
+                    if image in row and max(abs(a - b) for a, b in zip(row[image], vals, strict=True)) > 1e-3:
+                        raise SystemExit(f"merge: {method} {key} {image} differs between files")
+                    row[image] = vals
+        for method, d in r["raw"]["seconds"].items():
+            seconds.setdefault(method, {}).update(d)
+    per_set = {m: {key: [mean([v[j] for v in images.values()]) for j in range(len(results[0]["sigmas"]))]
+                   for key, images in d.items()} for m, d in per_image.items()}
+    images = {m: {key: sorted(im) for key, im in d.items() if key.endswith(":psnr")} for m, d in per_image.items()}
+    return dict(results[0], per_set=per_set, images=images,
+                seconds_per_image_8_kernels={m: mean(list(d.values())) for m, d in seconds.items()},
+                total_seconds=sum(r.get("total_seconds", 0.0) for r in results),
+                raw={"per_image": per_image, "seconds": seconds})
 
 
 def to_markdown(r: dict, sets: list[str]) -> str:
@@ -179,6 +216,9 @@ def main() -> None:
     ap.add_argument("--kernel-estimate", default="fit", choices=["fit", "model"],
                     help="the kernel scored: fit (shipped, since session 14) or model (MCFormer's last step; what "
                          "every table before session 14 scored)")
+    ap.add_argument("--images", nargs="+", default=None, metavar="STEM",
+                    help="only these images (file stems, e.g. barbara monarch), in this order; each keeps its seeds. "
+                         "Runs over disjoint images can be combined with --merge")
     ap.add_argument("--chunk", type=int, default=4, help="kernels per batch (memory: lambda>0 backpropagates)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None, help="write the raw results here")
@@ -209,7 +249,7 @@ def main() -> None:
         if args.md:
             write_bytes_atomic(args.md, (to_markdown(r, sets) + "\n").encode())
 
-    r = evaluate(args, on_set_done=save)
+    r = evaluate(args, on_image_done=save)
     save(r)
     md = to_markdown(r, args.sets)
     print(md)

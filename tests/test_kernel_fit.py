@@ -81,3 +81,17 @@ def test_pipeline_reports_the_fit_or_the_models_estimate():
     torch.testing.assert_close(fit.sr, model.sr)  # only the reported kernel differs
     torch.testing.assert_close(model.kernel, fit.kernels_traj[-1])
     torch.testing.assert_close(fit.kernel, fit_gaussian_kernel(fit.sr, lr, 4))
+
+
+@pytest.mark.parametrize("down", ["bicubic", "stride"])
+def test_normal_equations_strided_view_equals_resizing_every_shifted_copy(down, monkeypatch):
+    """The fast construction (one filtering, A a strided view) gives the same G and b as resizing each of the
+    size² shifted copies; an LR image too small for shift-invariant edge taps takes the per-copy path."""
+    x, y = texture(64, 56)[0], torch.rand(3, 16, 14, generator=torch.Generator().manual_seed(3))
+    fast = normal_equations(x, y, 21, 4, down, border=3)
+    monkeypatch.setattr(kernel_fit, "_shift_invariant_taps", lambda *a: None)
+    slow = normal_equations(x, y, 21, 4, down, border=3)
+    for f, s in zip(fast, slow, strict=True):
+        assert torch.allclose(f, s, rtol=1e-12, atol=1e-12)
+    monkeypatch.undo()
+    assert kernel_fit._shift_invariant_taps(16, 4, 4, "bicubic", 0, 4) is None  # the edge rows are mirrored

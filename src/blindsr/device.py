@@ -159,3 +159,26 @@ def check_compiler(device: torch.device) -> None:
     if not headers.is_file():
         raise BlindSRError(f"--compile on the CPU needs Python's C headers ({headers} is missing); install them "
                            "(e.g. apt-get install python3-dev) or drop --compile")
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc serve every allocation from its heap and keep freed memory for reuse (``mallopt``), on Linux.
+
+    glibc maps each block over 32 MiB afresh from the kernel and unmaps it on free, so on CPU every large
+    activation (a 256² map of 128 channels is 32 MiB) is page-faulted and zeroed again at every step: about a
+    fifth of a guided BlindDiff step's CPU time at 256² outputs, one thread (docs/results.md, "blindsr vs the
+    official BlindDiff code"). With mmap off and a 1 GiB trim threshold, freed blocks are reused; the peak RSS
+    is unchanged (measured). Process-wide, so the CLI calls it, not the library; ``BLINDSR_MALLOC=default``
+    turns it off. Returns True when applied."""
+    import ctypes
+    import os
+    import sys
+
+    if os.environ.get("BLINDSR_MALLOC", "").lower() == "default" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # glibc; absent (AttributeError) on musl and others
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, GIB))

@@ -47,11 +47,34 @@ def gaussian_bank(size: int, sig_min: float = 0.4, sig_max: float = 5.0, sig_ste
     return k.to(torch.float64).flatten(1)
 
 
+def _shift_invariant_taps(n_in: int, n_out: int, scale: int, down: str, first: int, last: int) -> tuple[Tensor, int] | None:
+    """The 1-D downsampling ↓s of output samples ``first..last-1`` as one tap vector ``t`` and offset ``o``:
+    ``out[v] = Σ_a t[a] in[s·v + o + a]``; None where those samples do not all share it (mirrored edge taps)."""
+    if down != "bicubic":
+        return torch.ones(1, dtype=torch.float64), 0  # decimation: in[s·v]
+    rows = O.resize_weights(n_in, n_out, 1.0 / scale)[first:last]
+    nz = rows[0].nonzero()
+    start, stop = int(nz.min()), int(nz.max()) + 1
+    taps, offset = rows[0, start:stop], start - scale * first
+    dense = torch.zeros_like(rows)
+    for v in range(rows.shape[0]):
+        lo = scale * (first + v) + offset
+        if lo < 0 or lo + taps.numel() > n_in:
+            return None
+        dense[v, lo:lo + taps.numel()] = taps
+    return (taps, offset) if torch.equal(dense, rows) else None
+
+
 def normal_equations(x: Tensor, y: Tensor, size: int, scale: int, down: str = "bicubic",
                      border: int = 4) -> tuple[Tensor, Tensor]:
     """``(G, b)`` of the least-squares problem min_k ||y - (k ⊗ x)↓s||² over the LR pixels ``border`` away from
     the edge; ``x`` (3, H, W) with H = s·h, ``y`` (3, h, w). The shift convention is :func:`operators.blur`'s
-    (reflect padding, cross-correlation), so ``A k`` equals ``degrade(x, k)`` on those pixels."""
+    (reflect padding, cross-correlation), so ``A k`` equals ``degrade(x, k)`` on those pixels.
+
+    Row (i, j) of A is (S_ij x)↓s. Away from the edges ↓s is one tap vector t at stride s in each direction
+    (MATLAB's bicubic weights repeat), so (S_ij x)↓s[v, w] = z[i + s·v + o, j + s·w + o] with z = (t ⊗ tᵀ) ⋆ x
+    filtered once at full resolution: A is a strided view of z, size² times cheaper than resizing every
+    shifted copy. Where the edge weights differ (LR images under about 5 pixels), each copy is resized."""
     _, h, w = y.shape
     if x.shape[-2:] != (scale * h, scale * w):
         raise BlindSRError(f"kernel fit: SR {tuple(x.shape[-2:])} is not {scale}x the LR {(h, w)}")
@@ -62,12 +85,23 @@ def normal_equations(x: Tensor, y: Tensor, size: int, scale: int, down: str = "b
     mode = "reflect" if max(pad) < min(H, W) else "replicate"
     xp = torch.nn.functional.pad(x[None].double(), (*pad, *pad), mode=mode)[0]
     yy = y[:, border:h - border, border:w - border].reshape(-1).double()
-    cols = []
-    for i in range(size):  # one row of taps at a time: (size, 3, H, W) shifted copies, downsampled
-        shifted = torch.stack([xp[:, i:i + H, j:j + W] for j in range(size)])
-        low = O.imresize(shifted, scale=1.0 / scale) if down == "bicubic" else O.downsample_stride(shifted, scale)
-        cols.append(low[..., border:h - border, border:w - border].reshape(size, -1))
-    a = torch.cat(cols)  # (size², N): row p is the LR image of tap p
+    hv, wv = h - 2 * border, w - 2 * border
+    rows = _shift_invariant_taps(H, h, scale, down, border, h - border)
+    cols = _shift_invariant_taps(W, w, scale, down, border, w - border)
+    if rows is not None and cols is not None:
+        (th, oh), (tw, ow) = rows, cols
+        z = torch.nn.functional.conv2d(xp[:, None], th.view(1, 1, -1, 1))
+        z = torch.nn.functional.conv2d(z, tw.view(1, 1, 1, -1))[:, 0].contiguous()  # (3, Zh, Zw)
+        zh, zw = z.shape[-2:]
+        a = z.as_strided((size, size, 3, hv, wv), (zw, 1, zh * zw, scale * zw, scale),
+                         (oh + scale * border) * zw + ow + scale * border).reshape(size * size, -1)
+    else:
+        parts = []
+        for i in range(size):  # one row of taps at a time: (size, 3, H, W) shifted copies, downsampled
+            shifted = torch.stack([xp[:, i:i + H, j:j + W] for j in range(size)])
+            low = O.imresize(shifted, scale=1.0 / scale) if down == "bicubic" else O.downsample_stride(shifted, scale)
+            parts.append(low[..., border:h - border, border:w - border].reshape(size, -1))
+        a = torch.cat(parts)  # (size², N): row p is the LR image of tap p
     return a @ a.T, a @ yy
 
 

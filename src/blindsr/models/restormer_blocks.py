@@ -76,9 +76,24 @@ def _pointwise(x: Tensor, conv: nn.Conv2d) -> Tensor:
     return F.linear(x, conv.weight.view(conv.weight.shape[0], -1), conv.bias)
 
 
-def _depthwise(x: Tensor, conv: nn.Conv2d) -> Tensor:
-    """A depthwise 3x3 conv on a (B, H, W, C) tensor (oneDNN's channels-last kernel: about 2x the NCHW one)."""
-    return _nhwc(conv(_nchw(x)))
+def _split_1x1_dw(x: Tensor, pw: nn.Conv2d, dw: nn.Conv2d, parts: int) -> tuple[Tensor, ...]:
+    """``DWConv3x3(Conv1x1(x)).chunk(parts, -1)`` computed part by part on a (B, H, W, C) tensor (the depthwise
+    conv on the channels-last view: oneDNN's channels-last kernel, about 2x the NCHW one).
+
+    Both convs act channel by channel on their output, so each part uses its slice of the weights and the
+    results are the same. The parts come out contiguous (no strided views of one wide tensor), and the
+    backward has no concatenation of the parts' gradients (autograd's chunk backward); each part is 1/parts
+    the size, which on CPU keeps level-1 maps under glibc's 32 MiB mmap threshold at 256² outputs."""
+    n = pw.out_channels // parts
+    w_pw = pw.weight.view(pw.out_channels, -1)
+    out = []
+    for i in range(parts):
+        sl = slice(i * n, (i + 1) * n)
+        y = F.linear(x, w_pw[sl], None if pw.bias is None else pw.bias[sl])
+        y = F.conv2d(_nchw(y), dw.weight[sl], None if dw.bias is None else dw.bias[sl], padding=dw.padding,
+                     groups=n)
+        out.append(_nhwc(y))
+    return tuple(out)
 
 
 class _LayerNormBody(nn.Module):
@@ -141,13 +156,17 @@ class MDTA(nn.Module):
 
     def nhwc(self, x: Tensor) -> Tensor:
         b, h, w, c = x.shape
-        qkv = _depthwise(_pointwise(x, self.qkv), self.qkv_dwconv).reshape(b, h * w, 3, self.num_heads, -1)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, heads, HW, C/heads) views
+        q, k, v = (t.reshape(b, h * w, self.num_heads, -1).transpose(1, 2)  # (B, heads, HW, C/heads) views
+                   for t in _split_1x1_dw(x, self.qkv, self.qkv_dwconv, 3))
         with torch.autocast(x.device.type, enabled=False):  # norms, q kᵀ and softmax in fp32
             dt = _fp32_or_wider(q.dtype)
-            q = F.normalize(q.to(dt), dim=2)  # along the pixels
-            k = F.normalize(k.to(dt), dim=2)
-            attn = (q.transpose(-2, -1) @ k * self.temperature.to(dt)).softmax(dim=-1)
+            q, k = q.to(dt), k.to(dt)
+            # normalize(q)ᵀ normalize(k) (L2 along the pixels, F.normalize's eps) formed as (qᵀk) / (|q| |k|ᵀ):
+            # the division touches the (C/heads)² scores instead of every pixel, forward and backward
+            nq = torch.linalg.vector_norm(q, dim=2).clamp_min(1e-12)  # (B, heads, C/heads)
+            nk = torch.linalg.vector_norm(k, dim=2).clamp_min(1e-12)
+            scores = q.transpose(-2, -1) @ k / (nq[..., :, None] * nk[..., None, :])
+            attn = (scores * self.temperature.to(dt)).softmax(dim=-1)
         out = v @ attn.to(v.dtype).transpose(-2, -1)  # (B, heads, HW, C/heads) = (A v)ᵀ
         return _pointwise(out.transpose(1, 2).reshape(b, h, w, c), self.project_out)
 
@@ -166,7 +185,7 @@ class GDFN(nn.Module):
         self.project_out = nn.Conv2d(hidden, channels, 1, bias=bias)
 
     def nhwc(self, x: Tensor) -> Tensor:
-        x1, x2 = _depthwise(_pointwise(x, self.project_in), self.dwconv).chunk(2, dim=-1)
+        x1, x2 = _split_1x1_dw(x, self.project_in, self.dwconv, 2)
         return _pointwise(F.gelu(x1) * x2, self.project_out)  # exact (erf) GELU
 
     def forward(self, x: Tensor) -> Tensor:
