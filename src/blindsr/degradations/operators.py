@@ -40,7 +40,33 @@ def blur(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     mode = "reflect" if max(pad[0], pad[1]) < w and max(pad[2], pad[3]) < h else "replicate"
     xp = F.pad(x.reshape(1, b * c, h, w), pad, mode=mode)
     weight = k.repeat_interleave(c, dim=0).unsqueeze(1)  # (B*C, 1, kh, kw)
+    if torch.is_grad_enabled() and (xp.requires_grad or weight.requires_grad):
+        return _DepthwiseCorrelation.apply(xp, weight).view(b, c, h, w)
     return F.conv2d(xp, weight, groups=b * c).view(b, c, h, w)
+
+
+class _DepthwiseCorrelation(torch.autograd.Function):
+    """``conv2d(xp, weight, groups=n)`` for xp (1, n, Hp, Wp), weight (n, 1, kh, kw), with both gradients formed
+    as forward convolutions: d/dxp = the gradient fully padded, correlated with the flipped kernel; d/dweight =
+    xp correlated with the gradient (one kh × kw output per channel). Mathematically autograd's; about 3.5x
+    faster on CPU for the guidance's 21 × 21 kernels (oneDNN has no fast weight gradient for a large
+    depthwise kernel: 90 of autograd's 110 ms at 256², one thread)."""
+
+    @staticmethod
+    def forward(ctx, xp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(xp, weight)
+        return F.conv2d(xp, weight, groups=xp.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        xp, weight = ctx.saved_tensors
+        n, (kh, kw) = xp.shape[1], weight.shape[-2:]
+        g_x = g_w = None
+        if ctx.needs_input_grad[0]:
+            g_x = F.conv2d(F.pad(grad, (kw - 1, kw - 1, kh - 1, kh - 1)), weight.flip(-2, -1), groups=n)
+        if ctx.needs_input_grad[1]:
+            g_w = F.conv2d(xp, grad.transpose(0, 1), groups=n).transpose(0, 1)
+        return g_x, g_w
 
 
 # ------------------------------------------------------------------------------ MATLAB imresize
