@@ -14,7 +14,7 @@ first, then one draw per step, blindsr's order). Each (implementation, size, rou
 (own peak RSS; an ``RLIMIT_AS`` cap makes OOM a result), interleaved; timed: sampling only, after loading and a
 warm-up at LR 16² ("blindsr-compiled", ``blindsr sr --compile``: at the timed size, and that first run,
 compile included, is printed beside it; the timed run is what the next same-size photo or tile sees).
-The blindsr children make the allocator setting ``blindsr sr`` makes at start-up (``device.keep_freed_memory``;
+The blindsr children make the allocator setting ``blindsr sr`` makes for its sampling (``device.keep_freed_memory``;
 ``BLINDSR_MALLOC=default`` in the environment turns it off) and report the network's kernel
 (``kernel_estimate="model"``, as the official code; the shipped Gaussian fit is extra work after sampling);
 "official-keep" is the official code with that same allocator setting, for a fair view of what it alone buys.
@@ -166,7 +166,7 @@ def child(args) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     from blindsr.device import keep_freed_memory
 
-    if impl != "official":  # what `blindsr sr` does at start-up; "official-keep": the official code with it
+    if impl != "official":  # what `blindsr sr` does around its sampling; "official-keep": the official code with it
         keep_freed_memory()
     import torch
 

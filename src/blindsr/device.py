@@ -5,6 +5,8 @@ Code never calls ``.cuda()``: it asks ``resolve_device`` and moves tensors with 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from blindsr.errors import BlindSRError
@@ -161,15 +163,17 @@ def check_compiler(device: torch.device) -> None:
                            "(e.g. apt-get install python3-dev) or drop --compile")
 
 
-def keep_freed_memory() -> bool:
-    """Have glibc serve every allocation from its heap and keep freed memory for reuse (``mallopt``), on Linux.
+def keep_freed_memory(on: bool = True) -> bool:
+    """Have glibc serve every allocation from its heap and keep freed memory for reuse (``mallopt``), on Linux;
+    ``on=False`` restores glibc's mmap for large blocks and returns the free heap to the kernel (``malloc_trim``).
 
     glibc maps each block over 32 MiB afresh from the kernel and unmaps it on free, so on CPU every large
     activation (a 256² map of 128 channels is 32 MiB) is page-faulted and zeroed again at every step: about a
     fifth of a guided BlindDiff step's CPU time at 256² outputs, one thread (docs/results.md, "blindsr vs the
-    official BlindDiff code"). With mmap off and a 1 GiB trim threshold, freed blocks are reused; the peak RSS
-    is unchanged (measured). Process-wide, so the CLI calls it, not the library; ``BLINDSR_MALLOC=default``
-    turns it off. Returns True when applied."""
+    official BlindDiff code"). With mmap off and a 1 GiB trim threshold freed blocks are reused; the peak RSS
+    is unchanged (measured). Process-wide, so it is scoped with :func:`freed_memory_kept`, which ``blindsr sr``
+    wraps around its sampling (the RSS it measures for ``--max-memory`` is taken before, and the kept memory is
+    given back after). ``BLINDSR_MALLOC=default`` turns it off. Returns True when the setting was changed."""
     import ctypes
     import os
     import sys
@@ -177,8 +181,24 @@ def keep_freed_memory() -> bool:
     if os.environ.get("BLINDSR_MALLOC", "").lower() == "default" or not sys.platform.startswith("linux"):
         return False
     try:
-        mallopt = ctypes.CDLL(None).mallopt  # glibc; absent (AttributeError) on musl and others
+        libc = ctypes.CDLL(None)
+        mallopt, trim = libc.mallopt, libc.malloc_trim  # glibc; absent (AttributeError) on musl and others
     except (OSError, AttributeError):
         return False
-    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, GIB))
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>; glibc's defaults: 128 KiB, 65536
+    if on:
+        return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, GIB))
+    ok = bool(mallopt(m_mmap_max, 65536)) and bool(mallopt(m_trim_threshold, 128 * 1024))
+    trim(ctypes.c_size_t(0))
+    return ok
+
+
+@contextlib.contextmanager
+def freed_memory_kept():
+    """:func:`keep_freed_memory` for the duration of a ``with`` block (yields whether it applied)."""
+    applied = keep_freed_memory(True)
+    try:
+        yield applied
+    finally:
+        if applied:
+            keep_freed_memory(False)

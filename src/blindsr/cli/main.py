@@ -60,9 +60,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = bool(getattr(args, "debug", False))
-    from blindsr.device import keep_freed_memory
-
-    keep_freed_memory()  # CPU: reuse freed activations instead of page-faulting them in again every step
     try:
         with warnings.catch_warnings():
             if not debug:  # a warning that reaches the user is one line, without Python's source line
